@@ -1,0 +1,146 @@
+"""Checkpoints as safetensors + JSON, written atomically, never unpickled.
+
+A checkpoint ``<stem>`` is two files:
+
+- ``<stem>.safetensors``: every tensor (student ``student.*``, projectors ``projectors.*``,
+  policy ``policy.*``, optimiser ``optim.*``, ...). Its metadata describes the student
+  (``distill.arch``, ``distill.num_classes``, ``distill.model_args``, ``distill.data_config``)
+  so the file alone can be evaluated or loaded as a model.
+- ``<stem>.json``: everything else (epoch, metrics, scheduler, recipe, teacher sources)
+  with tensors replaced by ``{"__tensor__": key}`` references into the safetensors file.
+
+Both files carry the same random ``checkpoint_id``; the JSON is written last, so a
+checkpoint whose ids disagree (a crash between the two renames) is reported as corrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Tuple, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import DistillError
+
+STUDENT_PREFIX = "student."
+_TENSOR_REF = "__tensor__"
+_ITEMS = "__items__"
+
+
+def flatten_state(obj: Any, prefix: str, tensors: Dict[str, torch.Tensor]) -> Any:
+    """Return ``obj`` as JSON data with every tensor moved into ``tensors`` under a dotted key."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {_TENSOR_REF: prefix}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: flatten_state(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+        # JSON keys are strings; keep other key types (an optimiser's int param ids) as pairs
+        return {_ITEMS: [[k, flatten_state(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def unflatten_state(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`: return ``obj`` with tensor references resolved."""
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR_REF}:
+            return tensors[obj[_TENSOR_REF]]
+        if set(obj) == {_ITEMS}:
+            return {k: unflatten_state(v, tensors) for k, v in obj[_ITEMS]}
+        return {k: unflatten_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(tmp_path)`` then fsync + rename, so it is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from other users
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(stem: Union[str, Path], tensors: Dict[str, torch.Tensor], state: Dict[str, Any],
+                    metadata: Dict[str, str]) -> None:
+    """Write ``<stem>.safetensors`` (``tensors`` + ``metadata``) and ``<stem>.json`` (``state``).
+
+    ``state`` may contain tensors; they are moved into the safetensors file.
+    """
+    stem = Path(stem)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    json_state = flatten_state(state, "state", tensors)
+    checkpoint_id = uuid.uuid4().hex
+    meta = {**metadata, "format": "pt", "distill.checkpoint_id": checkpoint_id}
+    _atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    text = json.dumps({"checkpoint_id": checkpoint_id, **json_state}, indent=1, sort_keys=True)
+    _atomic_write(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+
+
+def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
+    """Return the metadata header of a safetensors file (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DistillError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def load_tensors(path: Union[str, Path], device: str = "cpu") -> Dict[str, torch.Tensor]:
+    """Return all tensors of a safetensors file; a corrupt file is a DistillError naming it."""
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DistillError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def load_checkpoint(stem: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Return ``(tensors, state)`` of checkpoint ``<stem>``, with state tensors resolved."""
+    stem = Path(stem)
+    st_path, json_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    for path in (st_path, json_path):
+        if not path.is_file():
+            raise DistillError(f"{path}: checkpoint file not found")
+    tensors = load_tensors(st_path)
+    try:
+        raw = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DistillError(f"{json_path}: corrupt checkpoint state ({exc})") from None
+    if raw.pop("checkpoint_id", None) != read_metadata(st_path).get("distill.checkpoint_id"):
+        raise DistillError(f"{stem}: the .json and .safetensors files belong to different checkpoints")
+    return tensors, unflatten_state(raw, tensors)
+
+
+def split_prefix(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """Return the tensors under ``prefix`` with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def prefixed(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """Return ``state_dict`` with ``prefix`` added to every key."""
+    return {prefix + k: v for k, v in state_dict.items()}

@@ -1,0 +1,142 @@
+"""Command line: ``distill-train``, ``distill-eval``, ``distill-zoo``
+(also ``python -m distill.cli {train,eval,zoo} ...``).
+
+User errors (bad recipe, unknown model, missing data, corrupt file) print one line
+``error: ...`` and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, List, Optional
+
+
+def _guarded(main: Callable[[List[str]], int]) -> Callable[[Optional[List[str]]], int]:
+    def run(argv: Optional[List[str]] = None) -> int:
+        from .errors import DistillError
+
+        try:
+            return main(sys.argv[1:] if argv is None else argv)
+        except DistillError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+
+    def entry(argv: Optional[List[str]] = None) -> int:
+        code = run(argv)
+        if argv is None:
+            sys.exit(code)
+        return code
+
+    return entry
+
+
+def _train(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="distill-train", description="Distil a student from a pool of teachers as a recipe says.")
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1 schedule.epochs=10")
+    parser.add_argument("--resume", action="store_true", help="continue every phase from its last checkpoint")
+    parser.add_argument("--output-dir", help="run directory (default: the recipe's output_dir or runs/<name>)")
+    args = parser.parse_intermixed_args(argv)
+
+    from .pipeline import RecipeRunner
+    from .recipe import load_recipe
+
+    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    recipe = load_recipe(args.recipe, overrides)
+    report = RecipeRunner(recipe, resume=args.resume).run()
+    print(report.table())
+    print(f"run directory: {recipe.run_dir}")
+    return 0
+
+
+def _eval(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="distill-eval", description="Evaluate a run, checkpoint or any resolvable model on a test split.")
+    parser.add_argument("spec", help="run directory, checkpoint .safetensors, timm / zoo name, hf-hub:..., local-dir:...")
+    parser.add_argument("--dataset", required=True, help="digits | cifar10 | cifar100 | imagefolder")
+    parser.add_argument("--data-dir", help="dataset folder (default: $DISTILL_HOME/datasets/<dataset>)")
+    parser.add_argument("--weights", help="local weights file for the architecture SPEC")
+    parser.add_argument("--no-pretrained", action="store_true", help="random init (timm names are pretrained by default)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--subset", type=int, help="evaluate on N class-balanced images")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading the dataset")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from .data import DATASETS, build_data, build_loader
+    from .engine import evaluate, resolve_device
+    from .errors import DistillError, close_matches
+    from .recipe import DataConfig
+    from .registry import resolve_model
+
+    if args.dataset not in DATASETS:
+        raise DistillError(f"--dataset: unknown dataset {args.dataset!r}{close_matches(args.dataset, DATASETS)}")
+    resolved = resolve_model(args.spec, pretrained=not args.no_pretrained and args.weights is None,
+                             weights=args.weights, where="spec")
+    cfg = DataConfig(dataset=args.dataset, root=args.data_dir, download=not args.no_download, augment="none",
+                     num_workers=args.num_workers, val_subset=args.subset)
+    if resolved.data is not None:
+        cfg.mean, cfg.std = list(resolved.data.mean), list(resolved.data.std)
+        if args.dataset == "imagefolder":
+            cfg.input_size = resolved.data.input_size[-1]
+    bundle = build_data(cfg)
+    model = resolved.model
+    if model.num_classes != bundle.num_classes:
+        raise DistillError(f"{args.spec} predicts {model.num_classes} classes but {args.dataset} has {bundle.num_classes}")
+    device = resolve_device(args.device)
+    model.to(device).eval()
+    loader = build_loader(bundle.val, args.batch_size, False, args.num_workers, 0)
+    with torch.inference_mode():
+        metrics = evaluate(model, loader, device, progress=sys.stderr.isatty())
+    print(f"{args.spec} on {args.dataset} ({len(bundle.val)} images)")
+    print(f"top1={metrics['top1']:.2f} top5={metrics['top5']:.2f}")
+    return 0
+
+
+def _zoo(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="distill-zoo", description="List the zoo's models and teacher pools.")
+    parser.add_argument("what", nargs="?", choices=("models", "pools", "all"), default="all")
+    args = parser.parse_args(argv)
+
+    import timm
+
+    import zoo
+
+    if args.what in ("models", "all"):
+        print("zoo models (timm names; pretrained tags after the dot):")
+        for name in zoo.list_models():
+            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(name + ".*") if "." in t]
+            tags = [t for t in tags if t]
+            print(f"  {name:<24} {', '.join(tags)}")
+    if args.what in ("pools", "all"):
+        print("teacher pools:")
+        for name in zoo.list_pools():
+            pool = zoo.get_pool(name)
+            print(f"  {name:<16} [{pool.dataset}] {', '.join(pool.teachers)}")
+            print(f"  {'':<16} {pool.description}")
+    return 0
+
+
+train_main = _guarded(_train)
+eval_main = _guarded(_eval)
+zoo_main = _guarded(_zoo)
+
+_COMMANDS = {"train": train_main, "eval": eval_main, "zoo": zoo_main}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m distill.cli {train,eval,zoo} ...``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in _COMMANDS:
+        print(f"usage: python -m distill.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)
+        return 2
+    return _COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

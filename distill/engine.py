@@ -1,0 +1,333 @@
+"""Training and evaluation loops: optimiser, schedule, autocast, per-epoch seeding,
+progress, metrics aggregated on device, ``summary.csv``, ``last`` / ``best`` checkpoints
+and exact resume at epoch boundaries."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import Tensor
+from tqdm import tqdm
+
+from .checkpoint import STUDENT_PREFIX, load_checkpoint, prefixed, save_checkpoint, split_prefix
+from .distiller import Distiller
+from .errors import DistillError
+from .recipe import OptimConfig, RunConfig, ScheduleConfig
+from .registry import DataSpec, student_metadata
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return the torch device for a recipe's ``run.device`` (``auto``: CUDA when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DistillError(f"run.device={name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """Return the autocast dtype for ``precision`` on ``device`` (None: full fp32)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """Return an autocast context for ``dtype``, or a null context for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Return the RNG seed of ``epoch``: every epoch is reproducible on its own (exact resume)."""
+    return seed * 100_003 + epoch
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Switch deterministic kernels on or off (cudnn autotuning is their opposite)."""
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(forward: Callable[[Tensor], Tensor], loader, device: torch.device,
+             dtype: Optional[torch.dtype] = None, desc: str = "eval", progress: bool = False) -> Dict[str, float]:
+    """Return ``{'top1', 'top5', 'loss'}`` (percent, percent, mean CE) of ``forward`` on ``loader``."""
+    correct1 = torch.zeros((), device=device)
+    correct5 = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)
+    count = 0
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, file=sys.stderr):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = forward(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top.eq(y.unsqueeze(1))
+        correct1 += hits[:, 0].sum()
+        correct5 += hits.any(1).sum()
+        loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        count += y.shape[0]
+    if count == 0:
+        raise DistillError("evaluation set is empty")
+    return {"top1": 100.0 * correct1.item() / count, "top5": 100.0 * correct5.item() / count,
+            "loss": loss_sum.item() / count}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or resumed-and-finished) training run reports."""
+
+    final_top1: float
+    final_top5: float
+    best_top1: float
+    best_epoch: int
+    epochs: int
+    wall_time: float
+
+
+class _EpochMeter:
+    """Sums of the epoch's metrics kept on device; read (one host sync) at log intervals."""
+
+    def __init__(self, device: torch.device, num_teachers: int):
+        zero = lambda *shape: torch.zeros(shape, device=device, dtype=torch.float64)  # noqa: E731
+        self.sums = {k: zero() for k in ("loss", "ce", "kd", "feat", "correct")}
+        self.w_sum = zero(2, num_teachers)
+        self.w_sq = zero(2, num_teachers)
+        self.count = 0
+
+    def update(self, out, y: Tensor) -> None:
+        b = out.per_sample.shape[0]
+        self.sums["loss"] += out.loss.detach() * b
+        for k, v in out.parts.items():
+            self.sums[k] += v * b
+        labels = y if y.ndim == 1 else y.argmax(1)
+        self.sums["correct"] += out.logits.detach().argmax(1).eq(labels).sum()
+        if out.weights is not None:
+            w = torch.stack([out.weights.logit, out.weights.feat]).double()  # (2, B, M)
+            self.w_sum += w.sum(1)
+            self.w_sq += w.pow(2).sum(1)
+        self.count += b
+
+    def read(self) -> Dict[str, float]:
+        n = max(self.count, 1)
+        values = {k: v.item() / n for k, v in self.sums.items()}
+        values["top1"] = 100.0 * values.pop("correct")
+        return values
+
+    def weight_stats(self, names: List[str]) -> Dict[str, float]:
+        n = max(self.count, 1)
+        mean = (self.w_sum / n).cpu()
+        std = (self.w_sq / n - mean.to(self.w_sq.device).pow(2)).clamp_min(0).sqrt().cpu()
+        stats = {}
+        for level, label in enumerate(("logit", "feat")):
+            for m, name in enumerate(names):
+                stats[f"w_{label}_mean/{name}"] = mean[level, m].item()
+                stats[f"w_{label}_std/{name}"] = std[level, m].item()
+        return stats
+
+
+def build_optimizer(module: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Return the optimiser of ``cfg`` over ``module``'s trainable parameters (timm factory)."""
+    if cfg.name == "sgd":
+        return create_optimizer_v2(module, opt="sgd" if cfg.nesterov else "momentum", lr=cfg.lr,
+                                   weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                   filter_bias_and_bn=cfg.filter_bias_and_bn)
+    return create_optimizer_v2(module, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               filter_bias_and_bn=cfg.filter_bias_and_bn)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int):
+    """Return the epoch-stepped timm scheduler of ``cfg`` (warm-up in epochs)."""
+    sched = {"multistep": "multistep", "cosine": "cosine", "constant": "step"}[cfg.name]
+    kwargs: Dict[str, Any] = dict(sched=sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                  warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, decay_rate=cfg.decay_rate,
+                                  updates_per_epoch=steps_per_epoch, step_on_epochs=True)
+    if cfg.name == "multistep":
+        kwargs["decay_milestones"] = list(cfg.milestones)
+    if cfg.name == "constant":
+        kwargs.update(decay_epochs=cfg.epochs + 1, decay_rate=1.0)
+    scheduler, _ = create_scheduler_v2(optimizer, **kwargs)
+    return scheduler
+
+
+class Trainer:
+    """Trains ``distiller.trainable`` for ``schedule.epochs`` epochs in ``run_dir``.
+
+    Writes ``summary.csv`` (one row per epoch), ``last`` and ``best`` checkpoints; with
+    ``resume=True`` continues from ``last`` and, since every epoch is seeded from
+    (seed, epoch), reproduces the uninterrupted run exactly.
+    """
+
+    def __init__(self, distiller: Distiller, train_loader, val_loader, data: DataSpec, arch: str,
+                 model_args: Dict[str, Any], optim: OptimConfig, schedule: ScheduleConfig, run: RunConfig,
+                 run_dir: Path, seed: int, state_extra: Optional[Dict[str, Any]] = None, label: str = "train"):
+        self.distiller = distiller
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.data, self.arch, self.model_args = data, arch, model_args
+        self.schedule, self.run = schedule, run
+        self.run_dir = Path(run_dir)
+        self.seed = seed
+        self.state_extra = state_extra or {}
+        self.label = label
+        self.device = resolve_device(run.device)
+        self.dtype = autocast_dtype(run.precision, self.device)
+        distiller.to(self.device)
+        self.optimizer = build_optimizer(distiller.trainable, optim)
+        self.scheduler = build_scheduler(self.optimizer, schedule, len(train_loader))
+        self.history: List[Dict[str, float]] = []
+        self.best_top1, self.best_epoch, self.start_epoch = -1.0, -1, 0
+
+    # -- checkpoints ----------------------------------------------------------
+
+    def _save(self, name: str, epoch: int) -> None:
+        d = self.distiller
+        tensors = {**prefixed(d.student.state_dict(), STUDENT_PREFIX),
+                   **prefixed(d.trainable.projectors.state_dict(), "projectors.")}
+        state = {"epoch": epoch, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+                 "history": self.history, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(),
+                 "policy": d.policy.state_dict() if d.policy is not None else {}, **self.state_extra}
+        meta = student_metadata(self.arch, d.student, self.model_args, self.data)
+        save_checkpoint(self.run_dir / name, tensors, state, meta)
+
+    def _resume(self) -> None:
+        tensors, state = load_checkpoint(self.run_dir / "last")
+        for key, expected in self.state_extra.items():
+            found = state.get(key)
+            if found != json.loads(json.dumps(expected)):
+                raise DistillError(f"{self.run_dir}/last: cannot resume, the checkpoint's {key} differs from "
+                                   f"the recipe's: checkpoint {found}, recipe {expected}")
+        d = self.distiller
+        try:
+            d.student.load_state_dict(split_prefix(tensors, STUDENT_PREFIX))
+            d.trainable.projectors.load_state_dict(split_prefix(tensors, "projectors."))
+        except RuntimeError as exc:
+            raise DistillError(f"{self.run_dir}/last: checkpoint does not fit this student "
+                               f"({str(exc).splitlines()[0][:200]})") from None
+        if d.policy is not None:
+            d.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = state["history"]
+        self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
+        self.start_epoch = state["epoch"] + 1
+
+    def _write_summary(self) -> None:
+        path = self.run_dir / "summary.csv"
+        fields: List[str] = []
+        for row in self.history:
+            fields += [k for k in row if k not in fields]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.history)
+
+    # -- loops ----------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to the last epoch (continuing from ``last`` when ``resume``); return the result."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and (self.run_dir / "last.json").is_file():
+            self._resume()
+        set_deterministic(self.run.deterministic)
+        started = time.perf_counter()
+        for epoch in range(self.start_epoch, self.schedule.epochs):
+            row = self._train_epoch(epoch)
+            self.distiller.trainable.eval()
+            val = evaluate(self._student_logits, self.val_loader, self.device, self.dtype)
+            row.update({f"val_{k}": v for k, v in val.items()})
+            self.history.append(row)
+            is_best = val["top1"] > self.best_top1
+            if is_best:
+                self.best_top1, self.best_epoch = val["top1"], epoch
+            self._save("last", epoch)
+            if is_best:
+                self._save("best", epoch)
+            self._write_summary()
+            print(f"[{self.label}] epoch {epoch + 1}/{self.schedule.epochs}  loss {row['train_loss']:.4f}  "
+                  f"train top1 {row['train_top1']:.2f}  val top1 {val['top1']:.2f}  top5 {val['top5']:.2f}  "
+                  f"{row['images_per_sec']:.0f} img/s", flush=True)
+        last = self.history[-1] if self.history else {}
+        return TrainResult(last.get("val_top1", float("nan")), last.get("val_top5", float("nan")),
+                           self.best_top1, self.best_epoch, len(self.history), time.perf_counter() - started)
+
+    def _student_logits(self, x: Tensor) -> Tensor:
+        return self.distiller.student(x)
+
+    def _train_epoch(self, epoch: int) -> Dict[str, float]:
+        d = self.distiller
+        seed_everything(epoch_seed(self.seed, epoch))
+        if hasattr(self.train_loader.sampler, "set_epoch"):
+            self.train_loader.sampler.set_epoch(epoch)
+        self.scheduler.step(epoch)
+        d.trainable.train()
+        if d.policy is not None:
+            d.policy.begin_epoch(epoch)
+        meter = _EpochMeter(self.device, len(d.pool))
+        lr = self.optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f"[{self.label}] epoch {epoch + 1}/{self.schedule.epochs}",
+                   leave=False, disable=not (self.run.progress and sys.stderr.isatty()), file=sys.stderr)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast(self.device, self.dtype):
+                out = d(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self.optimizer.step()
+            if d.policy is not None and out.signals is not None:
+                d.policy.observe(out.signals, out.weights, out.teachers, out.student, y)
+            meter.update(out, y)
+            if (step + 1) % self.run.log_interval == 0:
+                values = self._check_finite(meter, epoch, step)
+                seen = meter.count / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['top1']:.1f}", img_s=f"{seen:.0f}")
+        elapsed = time.perf_counter() - started
+        values = self._check_finite(meter, epoch, len(self.train_loader) - 1)
+        row: Dict[str, float] = {"epoch": epoch + 1, "lr": lr}
+        row.update({f"train_{k}": v for k, v in values.items()})
+        row.update({"epoch_time": elapsed, "images_per_sec": meter.count / max(elapsed, 1e-9)})
+        if len(d.pool):
+            row.update(meter.weight_stats(d.pool.names))
+        if d.policy is not None:
+            row.update({f"policy/{k}": v for k, v in d.policy.end_epoch(epoch).items()})
+        return row
+
+    def _check_finite(self, meter: _EpochMeter, epoch: int, step: int) -> Dict[str, float]:
+        values = meter.read()
+        if not math.isfinite(values["loss"]):
+            parts = ", ".join(f"{k}={values[k]:.4g}" for k in ("ce", "kd", "feat"))
+            raise DistillError(f"[{self.label}] non-finite loss by epoch {epoch + 1} step {step + 1} "
+                               f"(running means: {parts}); stopping without overwriting the last checkpoint")
+        return values

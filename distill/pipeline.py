@@ -1,0 +1,186 @@
+"""From a recipe to trained models: teacher preparation (load, or train / fine-tune and
+cache), distillation, the optional student-alone baseline, and the final report."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from .data import DataBundle, build_data, build_loader
+from .distiller import Distiller
+from .engine import Trainer, TrainResult, evaluate, resolve_device, seed_everything
+from .errors import DistillError
+from .policies import build_policy
+from .recipe import Recipe, TeacherConfig, teacher_configs, to_dict
+from .registry import DataSpec, ResolvedModel, load_student_checkpoint, resolve_model
+from .taps import FeatureTap, parse_feature_tap
+from .teachers import InputAdapter, Teacher, TeacherPool
+
+
+@dataclass
+class RunReport:
+    """Test accuracies of everything a recipe trained or used, for printing and results.json."""
+
+    dataset: str
+    num_val: int
+    teachers: List[Dict[str, Any]] = field(default_factory=list)
+    student: Dict[str, Any] = field(default_factory=dict)
+    baseline: Optional[Dict[str, Any]] = None
+
+    def table(self) -> str:
+        """Return the report as an aligned text table."""
+        rows = [(f"teacher {t['name']}", t["top1"], t["top5"]) for t in self.teachers]
+        rows.append((f"student {self.student['name']} (distilled)", self.student["final_top1"],
+                     self.student["final_top5"]))
+        if self.baseline is not None:
+            rows.append((f"student {self.baseline['name']} (alone)", self.baseline["final_top1"],
+                         self.baseline["final_top5"]))
+        width = max(len(r[0]) for r in rows) + 2
+        lines = [f"test accuracy on {self.dataset} ({self.num_val} images)",
+                 f"{'model':<{width}}{'top1':>8}{'top5':>8}"]
+        lines += [f"{name:<{width}}{top1:>8.2f}{top5:>8.2f}" for name, top1, top5 in rows]
+        return "\n".join(lines)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _loaders(recipe: Recipe, bundle: DataBundle):
+    data = recipe.data
+    train = build_loader(bundle.train, data.batch_size, True, data.num_workers, recipe.seed)
+    val = build_loader(bundle.val, data.eval_batch_size or 2 * data.batch_size, False, data.num_workers, recipe.seed)
+    return train, val
+
+
+def _data_spec(bundle: DataBundle) -> DataSpec:
+    return DataSpec(tuple(bundle.input_size), tuple(bundle.mean), tuple(bundle.std))
+
+
+class RecipeRunner:
+    """Runs one recipe in its run directory; every phase resumes or is reused when done."""
+
+    def __init__(self, recipe: Recipe, resume: bool = False):
+        self.recipe = recipe
+        self.resume = resume
+        self.run_dir = recipe.run_dir
+        self.bundle = build_data(recipe.data)
+        self.data_spec = _data_spec(self.bundle)
+        self.train_loader, self.val_loader = _loaders(recipe, self.bundle)
+        self.device = resolve_device(recipe.run.device)
+        self.tap = parse_feature_tap(recipe.distill.features)
+
+    # -- teachers ---------------------------------------------------------------
+
+    def _resolve(self, cfg, where: str) -> ResolvedModel:
+        """Return a model with the dataset's class count (fine-tuning heads are reset)."""
+        resolved = resolve_model(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights,
+                                 num_classes=self.bundle.num_classes, in_chans=self.bundle.input_size[0],
+                                 model_args=cfg.model_args, where=where)
+        return resolved
+
+    def _train_alone(self, resolved: ResolvedModel, run_dir: Path, optim, schedule, seed: int, label: str,
+                     identity: Dict[str, Any], resume: bool) -> TrainResult:
+        """Train ``resolved.model`` with cross-entropy alone (no teachers) in ``run_dir``."""
+        model = resolved.model
+        if model.num_classes != self.bundle.num_classes:
+            model.reset_classifier(self.bundle.num_classes)
+        distiller = Distiller(model, TeacherPool([]), None, FeatureTap("pre_logits"), self.bundle.input_size)
+        trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, resolved.arch,
+                          resolved.model_args, optim, schedule, self.recipe.run, run_dir, seed,
+                          {"identity": identity}, label)
+        return trainer.fit(resume=resume)
+
+    def prepare_teacher(self, index: int, cfg: TeacherConfig) -> Teacher:
+        """Return teacher ``index``: loaded as is, or trained / fine-tuned first (cached)."""
+        where = f"teachers[{index}]"
+        name = f"{index}:{cfg.model}"
+        if cfg.train is not None:
+            tdir = self.run_dir / "teachers" / f"{index}-{_safe(cfg.model)}"
+            identity = {"model": cfg.model, "pretrained": cfg.pretrained, "weights": cfg.weights,
+                        "train": asdict(cfg.train), "data": asdict(self.recipe.data)}
+            if not self._finished(tdir, cfg.train.epochs):
+                seed_everything(self.recipe.seed + 1000 * (index + 1))
+                self._train_alone(self._resolve(cfg, f"{where}.model"), tdir, cfg.train.optim_config(),
+                                  cfg.train.schedule_config(), self.recipe.seed + 1000 * (index + 1),
+                                  f"teacher {name}", identity, resume=True)
+            self._check_identity(tdir, identity)
+            resolved = load_student_checkpoint(tdir / "last.safetensors")
+            resolved.source = {"spec": cfg.model, "trained_in": str(tdir.relative_to(self.run_dir))}
+        else:
+            resolved = self._resolve(cfg, f"{where}.model")
+            if resolved.model.num_classes != self.bundle.num_classes:
+                raise DistillError(
+                    f"{where} ({cfg.model}): predicts {resolved.model.num_classes} classes but dataset "
+                    f"{self.recipe.data.dataset} has {self.bundle.num_classes}; add train: {{epochs: N}} "
+                    "to fine-tune it on this dataset")
+        spec = resolved.data or self.data_spec
+        mean, std = (cfg.mean, cfg.std) if cfg.mean is not None else (spec.mean, spec.std)
+        adapter = InputAdapter(self.data_spec, mean, std, cfg.input_size)
+        input_shape = (self.bundle.input_size[0], *(2 * (cfg.input_size,) if cfg.input_size else self.bundle.input_size[1:]))
+        teacher = Teacher(name, resolved.model, adapter, self.tap, input_shape)
+        teacher.source = dict(resolved.source, name=name)
+        return teacher
+
+    @staticmethod
+    def _finished(run_dir: Path, epochs: int) -> bool:
+        path = run_dir / "last.json"
+        return path.is_file() and json.loads(path.read_text()).get("epoch", -1) + 1 >= epochs
+
+    @staticmethod
+    def _check_identity(run_dir: Path, identity: Dict[str, Any]) -> None:
+        stored = json.loads((run_dir / "last.json").read_text()).get("identity")
+        if stored != json.loads(json.dumps(identity)):
+            raise DistillError(f"{run_dir}: cached teacher was trained with different settings; "
+                               "delete that folder or choose another output_dir")
+
+    def evaluate_teacher(self, teacher: Teacher) -> Dict[str, float]:
+        """Return the teacher's test metrics through its own input adapter."""
+        teacher.to(self.device)
+        return evaluate(lambda x: teacher.model(teacher.adapter(x)), self.val_loader, self.device)
+
+    # -- the run ----------------------------------------------------------------
+
+    def run(self) -> RunReport:
+        """Run every phase of the recipe and return the :class:`RunReport` (also results.json)."""
+        recipe = self.recipe
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        report = RunReport(recipe.data.dataset, len(self.bundle.val))
+
+        teachers = [self.prepare_teacher(i, cfg) for i, cfg in enumerate(teacher_configs(recipe))]
+        for t in teachers:
+            metrics = self.evaluate_teacher(t)
+            report.teachers.append({"name": t.name, **metrics})
+        pool = TeacherPool(teachers).to(self.device)
+
+        seed_everything(recipe.seed)
+        student = self._resolve(recipe.student, "student.model")
+        if student.model.num_classes != self.bundle.num_classes:
+            student.model.reset_classifier(self.bundle.num_classes)
+        policy = build_policy(recipe.distill.policy, len(pool), recipe.distill.policy_args) if len(pool) else None
+        student.model.to(self.device)
+        distiller = Distiller(student.model, pool, policy, self.tap, self.bundle.input_size,
+                              recipe.distill.alpha, recipe.distill.beta, recipe.distill.temperature)
+        identity = {"student": recipe.student.model, "teachers": [t.source for t in teachers],
+                    "policy": recipe.distill.policy}
+        trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, student.arch,
+                          student.model_args, recipe.optim, recipe.schedule, recipe.run, self.run_dir,
+                          recipe.seed, {"identity": identity}, "distill")
+        result = trainer.fit(resume=self.resume)
+        report.student = {"name": f"{recipe.student.model} + {len(pool)} teachers ({recipe.distill.policy})",
+                          **asdict(result)}
+
+        if recipe.run.baseline:
+            seed_everything(recipe.seed)
+            alone = self._resolve(recipe.student, "student.model")
+            result = self._train_alone(alone, self.run_dir / "baseline", recipe.optim, recipe.schedule,
+                                       recipe.seed, "baseline", {"student": recipe.student.model}, self.resume)
+            report.baseline = {"name": recipe.student.model, **asdict(result)}
+        (self.run_dir / "results.json").write_text(json.dumps(asdict(report), indent=1))
+        return report

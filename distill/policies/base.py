@@ -1,0 +1,100 @@
+"""The weighting-policy interface and its registry.
+
+A policy turns the step's :class:`~distill.signals.Signals` into per-sample teacher
+weights for the logit and feature terms of Equ.(2). Weights are ``(B, M)``, each row sums
+to 1, and enter the student loss detached. A new policy is one file with one
+``@register_policy`` class.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Type
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import close_matches
+from ..signals import Signals, StudentOutputs, TeacherOutputs
+
+POLICIES: Dict[str, Type["WeightingPolicy"]] = {}
+
+
+def register_policy(cls: Type["WeightingPolicy"]) -> Type["WeightingPolicy"]:
+    """Class decorator: register ``cls`` under ``cls.name``."""
+    if cls.name in POLICIES:
+        raise ValueError(f"policy {cls.name!r} registered twice")
+    POLICIES[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Weights:
+    """Teacher weights for one batch; rows sum to 1."""
+
+    logit: Tensor  # (B, M)
+    feat: Tensor  # (B, M)
+
+
+class WeightingPolicy(nn.Module):
+    """Base class. Subclasses set ``name`` and implement :meth:`weights`.
+
+    Lifecycle per epoch: ``begin_epoch(e)``, then per step ``weights(...)`` ->
+    (loss, backward, optimiser step) -> ``observe(...)``, then ``end_epoch(e)``.
+    Learnable state lives in parameters / buffers so it is checkpointed with
+    ``state_dict()``; anything else goes through ``get_extra_state``.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, num_teachers: int):
+        super().__init__()
+        self.num_teachers = num_teachers
+
+    @classmethod
+    def check_args(cls, args: Dict[str, Any]) -> None:
+        """Raise ValueError if ``args`` holds a key the constructor does not take."""
+        params = inspect.signature(cls.__init__).parameters
+        known = [p for p in params if p not in ("self", "num_teachers")]
+        for key in args:
+            if key not in known:
+                raise ValueError(f"policy {cls.name!r} takes no argument {key!r}"
+                                 f"{close_matches(key, known)}; it takes: {', '.join(known) or 'none'}")
+
+    def weights(self, signals: Signals, teachers: TeacherOutputs, student: StudentOutputs,
+                target: Tensor) -> Weights:
+        """Return the teacher :class:`Weights` ``(B, M)`` for this step."""
+        raise NotImplementedError
+
+    def logit_term(self, weights: Weights, signals: Signals, teachers: TeacherOutputs,
+                   student: StudentOutputs, temperature: float) -> Tensor:
+        """Return the per-sample logit-distillation term ``sum_m w_l[:, m] KD_m``, shape ``(B,)``."""
+        return (weights.logit * signals.kd.t()).sum(1)
+
+    def feature_term(self, weights: Weights, signals: Signals) -> Tensor:
+        """Return the per-sample feature-distillation term ``sum_m w_f[:, m] FEAT_m``, shape ``(B,)``."""
+        return (weights.feat * signals.feat.t()).sum(1)
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before the first step of ``epoch`` (0-based)."""
+
+    def observe(self, signals: Signals, weights: Weights, teachers: TeacherOutputs,
+                student: StudentOutputs, target: Tensor) -> None:
+        """Called after the optimiser step with this step's (detached) signals and weights."""
+
+    def end_epoch(self, epoch: int) -> Dict[str, float]:
+        """Called after the last step of ``epoch``; returns metrics for ``summary.csv``."""
+        return {}
+
+
+def uniform_weights(batch: int, num_teachers: int, like: Tensor) -> Tensor:
+    """Return equal weights ``1/M``, shape ``(B, M)``, on ``like``'s device."""
+    return torch.full((batch, num_teachers), 1.0 / num_teachers, device=like.device)
+
+
+def build_policy(name: str, num_teachers: int, args: Dict[str, Any]) -> WeightingPolicy:
+    """Return the registered policy ``name`` for ``num_teachers`` teachers."""
+    cls = POLICIES[name]
+    cls.check_args(args)
+    return cls(num_teachers, **args)

@@ -1,0 +1,111 @@
+"""Feature taps: run a timm classifier once and return its logits, the feature used for
+feature distillation, and its pooled pre-logit embedding.
+
+Tap specs (recipe key ``distill.features``):
+
+- ``pre_logits``: the pooled pre-logit vector ``(B, d)`` (default; cheap).
+- ``last_map``: the last-stage map from ``forward_features`` — ``(B, C, H, W)`` for CNNs,
+  patch tokens ``(B, N, D)`` (prefix tokens removed) for ViTs.
+- ``<int>``: an intermediate stage by index, through timm's ``forward_intermediates``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class FeatureTap:
+    """Which feature a model exposes for distillation: ``kind`` and, for stages, ``index``."""
+
+    kind: str  # "pre_logits" | "last_map" | "stage"
+    index: Optional[int] = None
+
+
+def parse_feature_tap(spec: Union[str, int]) -> FeatureTap:
+    """Return the :class:`FeatureTap` for a recipe value; raise ValueError if malformed."""
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.lstrip("-").isdigit()):
+        return FeatureTap("stage", int(spec))
+    if spec in ("pre_logits", "last_map"):
+        return FeatureTap(spec)
+    raise ValueError(f"{spec!r} is not pre_logits, last_map or a stage index")
+
+
+@dataclass
+class TapOutput:
+    """One model's outputs for one batch."""
+
+    logits: Tensor  # (B, C)
+    feature: Tensor  # the tapped feature: (B, d), (B, C, H, W) or (B, N, D)
+    embedding: Tensor  # pooled pre-logits (B, d)
+
+
+class TappedModel(nn.Module):
+    """Wrap a timm classifier so one forward pass yields logits, tapped feature and embedding.
+
+    The head is split as ``logits = classifier(pre_logits)`` when that split reproduces
+    ``forward_head`` exactly (checked once on a dummy batch, and only for models without
+    head dropout); otherwise ``forward_head`` is called for logits and pre-logits alike.
+    """
+
+    def __init__(self, model: nn.Module, tap: FeatureTap, input_shape: Tuple[int, int, int]):
+        super().__init__()
+        self.model = model
+        self.tap = tap
+        for name in ("forward_features", "forward_head"):
+            if not hasattr(model, name):
+                raise TypeError(f"{type(model).__name__} has no {name}(); distillation needs timm's classifier API")
+        self.split_head = self._head_split_is_exact(input_shape)
+
+    @torch.no_grad()
+    def _head_split_is_exact(self, input_shape: Tuple[int, int, int]) -> bool:
+        model = self.model
+        if getattr(model, "drop_rate", 0.0) or not isinstance(model.get_classifier(), nn.Linear):
+            return False
+        was_training = model.training
+        model.eval()
+        try:
+            param = next(model.parameters())
+            x = torch.randn(2, *input_shape, device=param.device, dtype=param.dtype)
+            fmap = model.forward_features(x)
+            reference = model.forward_head(fmap)
+            split = model.get_classifier()(model.forward_head(fmap, pre_logits=True))
+            return bool(torch.allclose(reference, split, rtol=1e-4, atol=1e-5))
+        finally:
+            model.train(was_training)
+
+    def forward(self, x: Tensor) -> TapOutput:
+        """Return logits ``(B, C)``, tapped feature and embedding ``(B, d)`` for ``x``."""
+        model = self.model
+        if self.tap.kind == "stage":
+            final, (feature,) = model.forward_intermediates(x, indices=[self.tap.index])
+        else:
+            final = model.forward_features(x)
+            feature = None
+        embedding = model.forward_head(final, pre_logits=True)
+        logits = model.get_classifier()(embedding) if self.split_head else model.forward_head(final)
+        if self.tap.kind == "pre_logits":
+            feature = embedding
+        elif self.tap.kind == "last_map":
+            feature = _strip_prefix_tokens(model, final)
+        return TapOutput(logits, feature, embedding)
+
+
+def _strip_prefix_tokens(model: nn.Module, features: Tensor) -> Tensor:
+    """Return ViT patch tokens without class / distillation / register tokens; maps unchanged."""
+    if features.ndim == 3:
+        return features[:, getattr(model, "num_prefix_tokens", 0):]
+    return features
+
+
+def pool_feature(feature: Tensor) -> Tensor:
+    """Return a tapped feature pooled to ``(B, d)``: mean over space (maps) or tokens."""
+    if feature.ndim == 4:
+        return feature.mean((2, 3))
+    if feature.ndim == 3:
+        return feature.mean(1)
+    return feature
