@@ -156,11 +156,14 @@ def _load_weights_file(spec: str, path: Path, in_chans: Optional[int], args: Dic
         build_args["in_chans"] = in_chans
     try:
         model = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **build_args)
-    except RuntimeError as exc:  # size mismatch / missing keys from a strict load
-        first = str(exc).strip().splitlines()
-        raise DistillError(f"{path}: weights do not fit {spec} ({' '.join(first[:2])[:300]})") from None
-    except Exception as exc:  # unpickling refused, truncated file, ...
-        raise DistillError(f"{path}: cannot load weights ({type(exc).__name__}: {str(exc)[:200]})") from None
+    except Exception as exc:  # unpickling refused, truncated file, strict-load mismatch, ...
+        text = " ".join(str(exc).strip().splitlines()[:2])
+        if "weights_only" in text or "Unpickl" in text:
+            raise DistillError(f"{path}: cannot load weights: refused to unpickle objects beyond plain "
+                               "tensors (weights_only=True); convert the file to safetensors") from None
+        if isinstance(exc, RuntimeError) and ("size mismatch" in text or "state_dict" in text):
+            raise DistillError(f"{path}: weights do not fit {spec} ({text[:300]})") from None
+        raise DistillError(f"{path}: cannot load weights ({type(exc).__name__}: {text[:200]})") from None
     return ResolvedModel(model, spec, _data_spec(model), {"spec": spec, "file": str(path)}, args)
 
 
