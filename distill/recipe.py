@@ -118,6 +118,7 @@ class DistillConfig:
     alpha: float = 1.0
     beta: float = 5.0
     temperature: float = 4.0
+    logit_loss: Literal["kd", "dist"] = "kd"  # per-teacher logit term: Hinton KD or DIST (Huang et al. 2022)
     features: str = "pre_logits"  # pre_logits | last_map | <stage index>
     policy: str = "aver"
     policy_args: Dict[str, Any] = field(default_factory=dict)
@@ -133,6 +134,7 @@ class RunConfig:
     log_interval: int = 20  # steps between progress-bar metric reads (the only host syncs)
     baseline: bool = False  # also train the student alone on the same schedule, for comparison
     progress: bool = True
+    plot: bool = False  # draw teacher weights and val top-1 per epoch to <run_dir>/weights.png at the end
 
 
 @dataclass
@@ -287,6 +289,8 @@ def _child(node: Any, key: str, where: str, create: bool) -> Any:
         raise RecipeError(where, f"cannot set a key inside {node!r}")
     if key not in node or node[key] is None:
         node[key] = {}
+    elif isinstance(node[key], str):  # a bare model spec grows into a mapping
+        node[key] = {"model": node[key]}
     return node[key]
 
 
