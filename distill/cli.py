@@ -1,5 +1,5 @@
-"""Command line: ``distill-train``, ``distill-eval``, ``distill-zoo``
-(also ``python -m distill.cli {train,eval,zoo} ...``).
+"""Command line: ``distill-train``, ``distill-eval``, ``distill-zoo``, ``distill-plot``
+(also ``python -m distill.cli {train,eval,zoo,plot} ...``).
 
 User errors (bad recipe, unknown model, missing data, corrupt file) print one line
 ``error: ...`` and exit with code 2, without a traceback.
@@ -122,15 +122,28 @@ def _zoo(argv: List[str]) -> int:
     return 0
 
 
+def _plot(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="distill-plot", description="Draw a run's teacher weights and val top-1 per epoch to RUN_DIR/weights.png.")
+    parser.add_argument("run_dir", help="a run directory holding summary.csv")
+    args = parser.parse_args(argv)
+
+    from .plot import plot_run
+
+    print(plot_run(args.run_dir))
+    return 0
+
+
 train_main = _guarded(_train)
 eval_main = _guarded(_eval)
 zoo_main = _guarded(_zoo)
+plot_main = _guarded(_plot)
 
-_COMMANDS = {"train": train_main, "eval": eval_main, "zoo": zoo_main}
+_COMMANDS = {"train": train_main, "eval": eval_main, "zoo": zoo_main, "plot": plot_main}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m distill.cli {train,eval,zoo} ...``."""
+    """``python -m distill.cli {train,eval,zoo,plot} ...``."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in _COMMANDS:
         print(f"usage: python -m distill.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)

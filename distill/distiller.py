@@ -71,10 +71,11 @@ class Distiller:
 
     def __init__(self, student: nn.Module, pool: TeacherPool, policy: Optional[WeightingPolicy],
                  tap: FeatureTap, input_shape, alpha: float = 1.0, beta: float = 5.0,
-                 temperature: float = 4.0):
+                 temperature: float = 4.0, logit_loss: str = "kd"):
         self.pool = pool
         self.policy = policy
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.logit_loss = logit_loss
         projectors = self._size_projectors(student, tap, input_shape) if len(pool) else []
         self.trainable = StudentWithProjectors(student, tap, input_shape, projectors)
 
@@ -86,7 +87,10 @@ class Distiller:
         student.eval()
         with torch.no_grad():
             s_feat = TappedModel(student, tap, tuple(input_shape))(x).feature
-            t_feats = self.pool(x).features
+            t_out = self.pool(x)
+            t_feats = t_out.features
+            if self.policy is not None:
+                self.policy.setup(t_out, self.alpha, self.beta, self.temperature, self.logit_loss)
         student.train(was_training)
         return [build_projector(s_feat.shape[1:], f.shape[1:], name).to(param.device)
                 for f, name in zip(t_feats, self.pool.names)]
@@ -115,7 +119,7 @@ class Distiller:
             ce = losses.cross_entropy(student.logits, target)
             return StepOutput(ce.mean(), ce, student.logits, {"ce": ce.detach().mean()}, None, None, None, student)
         teachers = self.pool(x)
-        signals = compute_signals(student, teachers, target, self.temperature)
+        signals = compute_signals(student, teachers, target, self.temperature, self.logit_loss)
         weights = self.policy.weights(signals, teachers, student, target)
         weights = Weights(weights.logit.detach(), weights.feat.detach())
         logit_term = self.policy.logit_term(weights, signals, teachers, student, self.temperature)

@@ -166,7 +166,8 @@ class RecipeRunner:
         policy = build_policy(recipe.distill.policy, len(pool), recipe.distill.policy_args) if len(pool) else None
         student.model.to(self.device)
         distiller = Distiller(student.model, pool, policy, self.tap, self.bundle.input_size,
-                              recipe.distill.alpha, recipe.distill.beta, recipe.distill.temperature)
+                              recipe.distill.alpha, recipe.distill.beta, recipe.distill.temperature,
+                              recipe.distill.logit_loss)
         identity = {"student": recipe.student.model, "teachers": [t.source for t in teachers],
                     "policy": recipe.distill.policy}
         trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, student.arch,
@@ -183,4 +184,8 @@ class RecipeRunner:
                                        recipe.seed, "baseline", {"student": recipe.student.model}, self.resume)
             report.baseline = {"name": recipe.student.model, **asdict(result)}
         (self.run_dir / "results.json").write_text(json.dumps(asdict(report), indent=1))
+        if recipe.run.plot:
+            from .plot import plot_run
+
+            print(f"weights plot: {plot_run(self.run_dir)}")
         return report

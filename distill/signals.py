@@ -46,20 +46,32 @@ class Signals:
 
     student_ce: Tensor  # (B,)  CE(student, y), with grad
     teacher_ce: Tensor  # (M, B) CE(teacher m, y)
-    kd: Tensor  # (M, B) logit loss against teacher m, with grad
+    kd: Tensor  # (M, B) logit loss against teacher m (KD or DIST), with grad
     feat: Tensor  # (M, B) feature loss against teacher m, with grad
     cos: Tensor  # (M, B) cosine(pool(r_m(f_S)), pool(f_Tm))
     kl: Tensor  # (M, B) detached kd
 
 
 def compute_signals(student: StudentOutputs, teachers: TeacherOutputs, target: Tensor,
-                    temperature: float) -> Signals:
-    """Return the :class:`Signals` of one step (the only place they are computed)."""
+                    temperature: float, logit_loss: str = "kd") -> Signals:
+    """Return the :class:`Signals` of one step (the only place they are computed).
+
+    ``logit_loss`` picks the per-teacher logit term ``kd``: Hinton's KD (``"kd"``) or DIST
+    (``"dist"``); ``kl`` is ``T^2 KL(p_T || p_S)`` either way (the MTKD-RL state needs it).
+    """
     student_ce = losses.cross_entropy(student.logits, target)
-    kd = losses.kd_loss(student.logits, teachers.logits, temperature)
+    if logit_loss == "dist":
+        kd = losses.dist_loss(student.logits, teachers.logits, temperature)
+        with torch.no_grad():
+            kl = losses.kd_loss(student.logits, teachers.logits, temperature)
+    elif logit_loss == "kd":
+        kd = losses.kd_loss(student.logits, teachers.logits, temperature)
+        kl = None
+    else:
+        raise ValueError(f"logit_loss {logit_loss!r} is not kd or dist")
     feat = torch.stack([losses.fitnet_loss(p, f) for p, f in zip(student.projected, teachers.features)])
     with torch.no_grad():
         teacher_ce = losses.cross_entropy(teachers.logits, target)
         cos = torch.stack([F.cosine_similarity(pool_feature(p).float(), pool_feature(f).float(), dim=1)
                            for p, f in zip(student.projected, teachers.features)])
-    return Signals(student_ce, teacher_ce, kd, feat, cos, kd.detach())
+    return Signals(student_ce, teacher_ce, kd, feat, cos, kd.detach() if kl is None else kl)

@@ -40,7 +40,7 @@ class Weights:
 class WeightingPolicy(nn.Module):
     """Base class. Subclasses set ``name`` and implement :meth:`weights`.
 
-    Lifecycle per epoch: ``begin_epoch(e)``, then per step ``weights(...)`` ->
+    Lifecycle: ``setup(...)`` once when the Distiller is built; per epoch ``begin_epoch(e)``, then per step ``weights(...)`` ->
     (loss, backward, optimiser step) -> ``observe(...)``, then ``end_epoch(e)``.
     Learnable state lives in parameters / buffers so it is checkpointed with
     ``state_dict()``; anything else goes through ``get_extra_state``.
@@ -61,6 +61,12 @@ class WeightingPolicy(nn.Module):
             if key not in known:
                 raise ValueError(f"policy {cls.name!r} takes no argument {key!r}"
                                  f"{close_matches(key, known)}; it takes: {', '.join(known) or 'none'}")
+
+    def setup(self, teachers: TeacherOutputs, alpha: float = 1.0, beta: float = 5.0,
+              temperature: float = 4.0, logit_loss: str = "kd") -> None:
+        """Called once by the Distiller with the pool's outputs on a dummy batch (shapes:
+        ``C``, each ``d_m``) and the loss settings of Equ.(2), before any step or resume.
+        Policies with shape-dependent parts (an agent) build them here."""
 
     def weights(self, signals: Signals, teachers: TeacherOutputs, student: StudentOutputs,
                 target: Tensor) -> Weights:
