@@ -1,5 +1,5 @@
-"""Command line: ``distill-train``, ``distill-eval``, ``distill-zoo``, ``distill-plot``
-(also ``python -m distill.cli {train,eval,zoo,plot} ...``).
+"""Command line: ``distill-train``, ``distill-eval``, ``distill-zoo``, ``distill-plot``,
+``distill-push`` (also ``python -m distill.cli {train,eval,zoo,plot,push} ...``).
 
 User errors (bad recipe, unknown model, missing data, corrupt file) print one line
 ``error: ...`` and exit with code 2, without a traceback.
@@ -134,16 +134,48 @@ def _plot(argv: List[str]) -> int:
     return 0
 
 
+def _push(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="distill-push",
+        description="Share a run's distilled student on the Hugging Face Hub in timm's layout (config.json, "
+                    "model.safetensors, README.md model card, weights.png if drawn). The token comes from the "
+                    "environment (HF_TOKEN) or `hf auth login`.")
+    parser.add_argument("run_dir", help="a finished run directory")
+    parser.add_argument("--repo-id", help="ORG/NAME of the Hub model repository (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--revision", help="branch to commit to (created if missing; default main)")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which weights (default best)")
+    parser.add_argument("--local-dir", help="write the files to this folder instead of uploading")
+    args = parser.parse_args(argv)
+
+    from .errors import DistillError
+    from .hub import check_repo_id, export_run, push_run
+
+    if args.repo_id is not None:
+        check_repo_id(args.repo_id)
+    if args.local_dir is not None:
+        files = export_run(args.run_dir, args.local_dir, args.checkpoint, args.repo_id)
+        print(f"wrote {', '.join(p.name for p in files)} to {args.local_dir}")
+        return 0
+    if args.repo_id is None:
+        raise DistillError("give --repo-id ORG/NAME to upload, or --local-dir DIR to only write the files")
+    url = push_run(args.run_dir, args.repo_id, private=args.private, revision=args.revision,
+                   checkpoint=args.checkpoint)
+    print(f"pushed the {args.checkpoint} student of {args.run_dir} to {args.repo_id}: {url}")
+    return 0
+
+
 train_main = _guarded(_train)
 eval_main = _guarded(_eval)
 zoo_main = _guarded(_zoo)
 plot_main = _guarded(_plot)
+push_main = _guarded(_push)
 
-_COMMANDS = {"train": train_main, "eval": eval_main, "zoo": zoo_main, "plot": plot_main}
+_COMMANDS = {"train": train_main, "eval": eval_main, "zoo": zoo_main, "plot": plot_main, "push": push_main}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m distill.cli {train,eval,zoo,plot} ...``."""
+    """``python -m distill.cli {train,eval,zoo,plot,push} ...``."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in _COMMANDS:
         print(f"usage: python -m distill.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)

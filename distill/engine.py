@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .checkpoint import STUDENT_PREFIX, load_checkpoint, prefixed, save_checkpoint, split_prefix
 from .distiller import Distiller
 from .errors import DistillError
+from .manifest import diff
 from .recipe import OptimConfig, RunConfig, ScheduleConfig
 from .registry import DataSpec, student_metadata
 
@@ -224,10 +225,11 @@ class Trainer:
     def _resume(self) -> None:
         tensors, state = load_checkpoint(self.run_dir / "last")
         for key, expected in self.state_extra.items():
-            found = state.get(key)
-            if found != json.loads(json.dumps(expected)):
-                raise DistillError(f"{self.run_dir}/last: cannot resume, the checkpoint's {key} differs from "
-                                   f"the recipe's: checkpoint {found}, recipe {expected}")
+            found, expected = state.get(key), json.loads(json.dumps(expected))
+            if found != expected:
+                lines = diff(found, expected, key, "in the checkpoint", "in this run")
+                raise DistillError(f"{self.run_dir}/last: cannot resume, the checkpoint's {key} differs from this "
+                                   f"run's: " + "; ".join(lines or [f"{key}: {found!r} vs {expected!r}"]))
         d = self.distiller
         try:
             d.student.load_state_dict(split_prefix(tensors, STUDENT_PREFIX))

@@ -15,6 +15,7 @@ from .data import DataBundle, build_data, build_loader
 from .distiller import Distiller
 from .engine import Trainer, TrainResult, evaluate, resolve_device, seed_everything
 from .errors import DistillError
+from .manifest import content_hash, diff
 from .policies import build_policy
 from .recipe import Recipe, TeacherConfig, teacher_configs, to_dict
 from .registry import DataSpec, ResolvedModel, load_student_checkpoint, resolve_model
@@ -31,6 +32,7 @@ class RunReport:
     teachers: List[Dict[str, Any]] = field(default_factory=list)
     student: Dict[str, Any] = field(default_factory=dict)
     baseline: Optional[Dict[str, Any]] = None
+    class_names: List[str] = field(default_factory=list)  # label of each class index (config.json on push)
 
     def table(self) -> str:
         """Return the report as an aligned text table."""
@@ -111,7 +113,8 @@ class RecipeRunner:
                                   f"teacher {name}", identity, resume=True)
             self._check_identity(tdir, identity)
             resolved = load_student_checkpoint(tdir / "last.safetensors")
-            resolved.source = {"spec": cfg.model, "trained_in": str(tdir.relative_to(self.run_dir))}
+            resolved.source = {"spec": cfg.model, "trained_in": str(tdir.relative_to(self.run_dir)),
+                               "sha256": resolved.source["sha256"]}
         else:
             resolved = self._resolve(cfg, f"{where}.model")
             if resolved.model.num_classes != self.bundle.num_classes:
@@ -125,6 +128,8 @@ class RecipeRunner:
         input_shape = (self.bundle.input_size[0], *(2 * (cfg.input_size,) if cfg.input_size else self.bundle.input_size[1:]))
         teacher = Teacher(name, resolved.model, adapter, self.tap, input_shape)
         teacher.source = dict(resolved.source, name=name)
+        if "sha256" not in teacher.source:  # random init: hash the weights as built
+            teacher.source["sha256"] = content_hash(resolved.model)
         return teacher
 
     @staticmethod
@@ -135,8 +140,10 @@ class RecipeRunner:
     @staticmethod
     def _check_identity(run_dir: Path, identity: Dict[str, Any]) -> None:
         stored = json.loads((run_dir / "last.json").read_text()).get("identity")
-        if stored != json.loads(json.dumps(identity)):
-            raise DistillError(f"{run_dir}: cached teacher was trained with different settings; "
+        expected = json.loads(json.dumps(identity))
+        if stored != expected:
+            lines = "; ".join(diff(stored, expected, "", "cached", "in this recipe"))
+            raise DistillError(f"{run_dir}: cached teacher was trained with different settings ({lines}); "
                                "delete that folder or choose another output_dir")
 
     def evaluate_teacher(self, teacher: Teacher) -> Dict[str, float]:
@@ -151,12 +158,12 @@ class RecipeRunner:
         recipe = self.recipe
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-        report = RunReport(recipe.data.dataset, len(self.bundle.val))
+        report = RunReport(recipe.data.dataset, len(self.bundle.val), class_names=list(self.bundle.class_names))
 
         teachers = [self.prepare_teacher(i, cfg) for i, cfg in enumerate(teacher_configs(recipe))]
         for t in teachers:
             metrics = self.evaluate_teacher(t)
-            report.teachers.append({"name": t.name, **metrics})
+            report.teachers.append({"name": t.name, **metrics, "source": t.source})
         pool = TeacherPool(teachers).to(self.device)
 
         seed_everything(recipe.seed)
@@ -188,4 +195,15 @@ class RecipeRunner:
             from .plot import plot_run
 
             print(f"weights plot: {plot_run(self.run_dir)}")
+        if recipe.hub.push:
+            from .hub import push_run
+
+            hub = recipe.hub
+            try:
+                url = push_run(self.run_dir, hub.repo_id, private=hub.private, revision=hub.revision,
+                               checkpoint=hub.checkpoint)
+            except DistillError as exc:
+                raise DistillError(f"{exc} (training finished; retry with: distill-push {self.run_dir} "
+                                   f"--repo-id {hub.repo_id})") from None
+            print(f"pushed to the Hub: {url}")
         return report

@@ -138,6 +138,17 @@ class RunConfig:
 
 
 @dataclass
+class HubConfig:
+    """Push the distilled student to the Hugging Face Hub at the end of training (``distill-push``)."""
+
+    push: bool = False
+    repo_id: Optional[str] = None  # ORG/NAME; required when push is true
+    private: bool = False  # create the repository private (an existing one keeps its visibility)
+    revision: Optional[str] = None  # branch to commit to (created if missing); default main
+    checkpoint: Literal["best", "last"] = "best"
+
+
+@dataclass
 class Recipe:
     """A whole training job."""
 
@@ -152,6 +163,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -388,6 +400,14 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError("run.log_interval", f"must be >= 1, got {recipe.run.log_interval}")
     if recipe.run.device not in ("auto", "cpu", "cuda") and not recipe.run.device.startswith("cuda:"):
         raise RecipeError("run.device", f"{recipe.run.device!r} is not auto, cpu, cuda or cuda:N")
+    if recipe.hub.push and not recipe.hub.repo_id:
+        raise RecipeError("hub.repo_id", "hub.push is true: give the repository as hub.repo_id: ORG/NAME")
+    if recipe.hub.repo_id is not None:
+        from .hub import repo_id_problem
+
+        problem = repo_id_problem(recipe.hub.repo_id)
+        if problem:
+            raise RecipeError("hub.repo_id", problem)
 
 
 def teacher_configs(recipe: Recipe) -> List[TeacherConfig]:

@@ -1,18 +1,25 @@
-"""One resolver for a model spec: timm name (with ``.tag``), zoo entry, ``hf-hub:org/repo``,
-``local-dir:PATH``, a distill checkpoint / run directory, or an architecture plus a local
-weights file. Returns the model and its data config (input size, mean, std).
+"""One resolver for a model spec: timm name (with ``.tag``), zoo entry,
+``hf-hub:org/repo[@revision]``, ``local-dir:PATH``, a distill checkpoint / run directory, or
+an architecture plus a local weights file. Returns the model and its data config (input
+size, mean, std), and where the weights came from (``ResolvedModel.source``, with a content
+hash of the weights as loaded: :func:`distill.manifest.content_hash`).
 
 Weights files are never unpickled beyond ``torch.load(weights_only=True)``; safetensors
 first. Downloads (timm URLs) land in ``$DISTILL_HOME/weights``, where a pre-filled copy is
-found offline.
+found offline. ``hf-hub:`` specs go through huggingface_hub's own cache (``HF_HUB_CACHE`` /
+``HF_HOME``), honour ``HF_HUB_OFFLINE`` and take the token from the environment; the
+revision (branch, tag or commit; default ``main``) is resolved to a commit once and config
+and weights are both read at that commit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import timm
 import torch
@@ -23,6 +30,7 @@ import zoo  # noqa: F401  (registers the zoo's architectures into timm)
 
 from .checkpoint import STUDENT_PREFIX, load_tensors, read_metadata, split_prefix
 from .errors import DistillError, RecipeError, close_matches
+from .manifest import content_hash
 from .paths import weights_dir
 
 _SOURCES = ("hf-hub:", "local-dir:")
@@ -72,6 +80,7 @@ def check_spec(spec: str, where: str, weights: Optional[str] = None) -> None:
     if weights is not None and not Path(weights).is_file():
         raise RecipeError(where.rsplit(".", 1)[0] + ".weights", f"file not found: {weights}")
     if spec.startswith("hf-hub:"):
+        parse_hub_spec(spec, where)
         return
     if spec.startswith("local-dir:"):
         if not Path(spec[len("local-dir:"):]).is_dir():
@@ -93,6 +102,107 @@ def check_spec(spec: str, where: str, weights: Optional[str] = None) -> None:
 
 def _known_models() -> list:
     return sorted(set(timm.list_models()) | set(zoo.list_models()))
+
+
+def parse_hub_spec(spec: str, where: str = "model") -> Tuple[str, Optional[str]]:
+    """Return ``(repo_id, revision)`` of ``hf-hub:org/name[@revision]`` (revision None: main)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id, at, revision = spec[len("hf-hub:"):].partition("@")
+    if repo_id.count("/") != 1 or (at and (not revision or "@" in revision)):
+        raise RecipeError(where, f"{spec!r} is not hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise RecipeError(where, f"{spec!r}: bad repository id ({str(exc).splitlines()[0]})") from None
+    return repo_id, revision or None
+
+
+@contextlib.contextmanager
+def _hub_errors(spec: str, where: str) -> Iterator[None]:
+    """Turn huggingface_hub's download errors into one-line DistillErrors naming ``spec``."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                        LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    def first_line(exc: BaseException) -> str:
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+    try:
+        yield
+    except GatedRepoError:
+        raise DistillError(f"{where}: {spec}: gated repository; accept its terms on the Hub and set "
+                           "HF_TOKEN in the environment") from None
+    except RepositoryNotFoundError:
+        raise DistillError(f"{where}: {spec}: repository not found on the Hub (a private one needs a token: "
+                           "set HF_TOKEN in the environment)") from None
+    except RevisionNotFoundError:
+        raise DistillError(f"{where}: {spec}: revision not found in the repository") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        why = ("HF_HUB_OFFLINE is set" if constants.is_offline_mode()
+               else f"the Hub could not be reached ({first_line(exc)})")
+        raise DistillError(f"{where}: {spec}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                           f"and {why}; fetch it once online (or fill the cache) first") from None
+    except EntryNotFoundError as exc:
+        raise DistillError(f"{where}: {spec}: a file is missing from the repository ({first_line(exc)}); "
+                           "is it a timm model (config.json + model.safetensors)?") from None
+    except HfHubHTTPError as exc:
+        raise DistillError(f"{where}: {spec}: Hub request failed ({first_line(exc)})") from None
+
+
+def _weights_error(label: str, spec: str, exc: Exception) -> DistillError:
+    """Return the DistillError for a weights file that timm failed to load into ``spec``."""
+    text = " ".join(str(exc).strip().splitlines()[:2])
+    if "weights_only" in text or "Unpickl" in text:
+        return DistillError(f"{label}: cannot load weights: refused to unpickle objects beyond plain "
+                            "tensors (weights_only=True); convert the file to safetensors")
+    if isinstance(exc, RuntimeError) and ("size mismatch" in text or "state_dict" in text):
+        return DistillError(f"{label}: weights do not fit {spec} ({text[:300]})")
+    return DistillError(f"{label}: cannot load weights ({type(exc).__name__}: {text[:200]})")
+
+
+def _source_config(config_file: Path, build_args: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    """Return the timm architecture and rebuild arguments recorded in a Hub-layout config.json."""
+    cfg = json.loads(config_file.read_text())
+    arch = cfg.get("architecture") or cfg.get("pretrained_cfg", {}).get("architecture")
+    args = {**cfg.get("model_args", {}), **build_args}
+    args.pop("num_classes", None)
+    return arch, args
+
+
+def _resolve_hub(spec: str, pretrained: bool, build_args: Dict[str, Any], where: str) -> ResolvedModel:
+    """Build ``hf-hub:org/name[@revision]`` with timm, config and weights pinned to one commit."""
+    from huggingface_hub import hf_hub_download
+
+    from . import __version__
+
+    repo_id, revision = parse_hub_spec(spec, where)
+    with _hub_errors(spec, where):
+        config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision,
+                                           library_name="distill", library_version=__version__))
+    snapshot = config_file.parent
+    commit = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else None
+    pinned = f"hf-hub:{repo_id}@{commit}" if commit else spec
+    try:
+        with _hub_errors(spec, where):
+            model = timm.create_model(pinned, pretrained=pretrained, **build_args)
+    except DistillError:
+        raise
+    except Exception as exc:  # unpickling refused, truncated file, strict-load mismatch, ...
+        raise _weights_error(f"{where}: {spec}", spec, exc) from None
+    arch, args = _source_config(config_file, build_args)
+    source: Dict[str, Any] = {"spec": spec, "hf_hub_id": repo_id, "revision": revision or "main", "commit": commit}
+    data = None
+    if pretrained:
+        data = _data_spec(model)
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else [
+            "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth"]
+        source["weights_file"] = next((n for n in names if (snapshot / n).is_file()), names[0])
+        source["sha256"] = content_hash(model)
+    return ResolvedModel(model, arch, data, source, args)
 
 
 def resolve_model(spec: str, *, pretrained: bool = False, weights: Optional[str] = None,
@@ -118,6 +228,8 @@ def resolve_model(spec: str, *, pretrained: bool = False, weights: Optional[str]
             build_args["num_classes"] = num_classes
         if in_chans is not None and not pretrained:
             build_args["in_chans"] = in_chans
+    if spec.startswith("hf-hub:"):
+        return _resolve_hub(spec, pretrained, build_args, where)
     try:
         model = timm.create_model(spec, pretrained=pretrained, cache_dir=str(weights_dir()), **build_args)
     except RuntimeError as exc:
@@ -131,8 +243,12 @@ def resolve_model(spec: str, *, pretrained: bool = False, weights: Optional[str]
         data = _data_spec(model)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         source.update({k: cfg[k] for k in ("hf_hub_id", "url", "file") if cfg.get(k)})
+        source["sha256"] = content_hash(model)
     recorded_args = {k: v for k, v in build_args.items() if k != "num_classes"}
-    return ResolvedModel(model, spec, data, source, recorded_args)
+    arch = spec
+    if spec.startswith("local-dir:"):  # record the architecture itself, so checkpoints rebuild without the folder
+        arch, recorded_args = _source_config(Path(spec[len("local-dir:"):]) / "config.json", build_args)
+    return ResolvedModel(model, arch, data, source, recorded_args)
 
 
 def _data_spec(model: nn.Module) -> DataSpec:
@@ -157,14 +273,9 @@ def _load_weights_file(spec: str, path: Path, in_chans: Optional[int], args: Dic
     try:
         model = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **build_args)
     except Exception as exc:  # unpickling refused, truncated file, strict-load mismatch, ...
-        text = " ".join(str(exc).strip().splitlines()[:2])
-        if "weights_only" in text or "Unpickl" in text:
-            raise DistillError(f"{path}: cannot load weights: refused to unpickle objects beyond plain "
-                               "tensors (weights_only=True); convert the file to safetensors") from None
-        if isinstance(exc, RuntimeError) and ("size mismatch" in text or "state_dict" in text):
-            raise DistillError(f"{path}: weights do not fit {spec} ({text[:300]})") from None
-        raise DistillError(f"{path}: cannot load weights ({type(exc).__name__}: {text[:200]})") from None
-    return ResolvedModel(model, spec, _data_spec(model), {"spec": spec, "file": str(path)}, args)
+        raise _weights_error(str(path), spec, exc) from None
+    return ResolvedModel(model, spec, _data_spec(model),
+                         {"spec": spec, "file": str(path), "sha256": content_hash(model)}, args)
 
 
 def load_student_checkpoint(path: Path) -> ResolvedModel:
@@ -182,7 +293,7 @@ def load_student_checkpoint(path: Path) -> ResolvedModel:
         raise DistillError(f"{path}: checkpoint does not fit {arch} (missing {list(missing)[:3]}, "
                            f"unexpected {list(unexpected)[:3]})")
     data = DataSpec.from_json(meta["distill.data_config"])
-    return ResolvedModel(model, arch, data, {"spec": str(path), "file": str(path)}, args)
+    return ResolvedModel(model, arch, data, {"spec": str(path), "file": str(path), "sha256": content_hash(model)}, args)
 
 
 def student_metadata(resolved_arch: str, model: nn.Module, model_args: Dict[str, Any], data: DataSpec) -> Dict[str, str]:
