@@ -44,6 +44,16 @@ def _label(path: str, item: Any) -> str:
     return path
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Return whether two leaves are equal; True vs 1 differ, 1 vs 1.0 do not."""
+    numbers = (int, float)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, numbers) and isinstance(b, numbers):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
 def diff(old: Any, new: Any, path: str = "", old_label: str = "in the checkpoint",
          new_label: str = "now") -> List[str]:
     """Return one line per difference between JSON-like ``old`` and ``new`` (empty: equal).
@@ -73,6 +83,6 @@ def diff(old: Any, new: Any, path: str = "", old_label: str = "in the checkpoint
                 lines.append(f"{_label(sub, new[i])}: absent {old_label}, {_show(new[i])} {new_label}")
             else:
                 lines += diff(old[i], new[i], _label(sub, old[i]), old_label, new_label)
-    elif old != new or type(old) is not type(new) and not (isinstance(old, (int, float)) and isinstance(new, (int, float))):
+    elif not _same(old, new):
         lines.append(f"{where}: {_show(old)} {old_label}, {_show(new)} {new_label}")
     return lines
