@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import create_classifier
+from timm.models import _registry as _timm_registry
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -64,10 +65,29 @@ def generate_zoo_cfgs(cfgs: Dict[str, Dict[str, Any]]):
     return out
 
 
+ZOO_MODULE = 'zoo'  # the module name timm lists the zoo's models under: timm.list_models(module='zoo')
+
+
 def register_zoo_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``fn`` with timm (``timm.models.register_model``) and remember it as a zoo architecture."""
-    _ZOO_MODEL_NAMES.add(fn.__name__)
-    return register_model(fn)
+    """Register ``fn`` with timm (``timm.models.register_model``) and remember it as a zoo architecture.
+
+    timm files a model under the last part of its Python module's name; ours (``resnet``, ``regnet``) would
+    mix the zoo into timm's own ``timm.list_models(module='resnet')``, so the entry is moved to ``'zoo'``.
+    """
+    name = fn.__name__
+    _ZOO_MODEL_NAMES.add(name)
+    fn = register_model(fn)
+    model_to_module = getattr(_timm_registry, '_model_to_module', None)
+    module_to_models = getattr(_timm_registry, '_module_to_models', None)
+    if isinstance(model_to_module, dict) and isinstance(module_to_models, dict):  # private; skip if it changes
+        old = model_to_module.get(name)
+        if old is not None and old in module_to_models:
+            module_to_models[old].discard(name)
+            if not module_to_models[old]:
+                del module_to_models[old]
+        model_to_module[name] = ZOO_MODULE
+        module_to_models.setdefault(ZOO_MODULE, set()).add(name)
+    return fn
 
 
 def zoo_model_names() -> List[str]:

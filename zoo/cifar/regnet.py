@@ -5,7 +5,9 @@ pycls's X block (1x1 -> grouped 3x3 -> 1x1, bottleneck ratio 1, projection short
 Y adding squeeze-excitation (ratio 0.25 of the block's input width) after the grouped conv. Adapted to 32x32:
 the 3x3 stem (32 channels) has stride 1 and the first stage too, so the stages run at 32/16/8/4 pixels.
 
-Parameter counts at 100 classes (measured): regnetx_200mf 2.35M, regnetx_400mf 4.80M, regnety_400mf 3.95M.
+Parameter counts at 100 classes (measured): regnetx_200mf 2.35M, regnetx_400mf 4.81M, regnety_400mf 3.95M.
+At 1000 classes they equal timm's ImageNet regnetx_002 / regnety_004 exactly, and regnetx_400mf has 1,088 fewer
+than regnetx_004 (its stride-1 first block keeps 32 channels and so needs no projection shortcut).
 The MTKD-RL paper's Table 1 lists 2.4M / 4.8M / 5.8M; the first two match, while the genuine RegNetY-400MF
 (4.3M on ImageNet with its 1000-way classifier) cannot have 5.8M parameters at 100 classes, so that entry
 is not matched (the architecture is kept faithful to the RegNet paper rather than inflated to fit).
@@ -140,7 +142,7 @@ def cifar_regnetx_200mf(pretrained: bool = False, **kwargs: Any) -> CifarRegNet:
 
 @register_zoo_model
 def cifar_regnetx_400mf(pretrained: bool = False, **kwargs: Any) -> CifarRegNet:
-    """RegNetX-400MF for CIFAR (depths 1/2/7/12, widths 32/64/160/384, group width 16); 4.80M params."""
+    """RegNetX-400MF for CIFAR (depths 1/2/7/12, widths 32/64/160/384, group width 16); 4.81M params."""
     return _create_regnet('regnetx_400mf', pretrained, **kwargs)
 
 
