@@ -10,7 +10,7 @@ torch.set_num_threads(1)
 
 from distill import losses  # noqa: E402
 from distill.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from distill.errors import RecipeError  # noqa: E402
+from distill.errors import DistillError, RecipeError  # noqa: E402
 from distill.policies import POLICIES, Weights, build_policy  # noqa: E402
 from distill.policies.mtkd_rl import build_state, normalise_rewards, official_rewards, paper_rewards  # noqa: E402
 from distill.recipe import recipe_from_dict  # noqa: E402
@@ -103,7 +103,8 @@ def fixed_agent_policy(**args):
 def test_mtkd_rl_fused_weights_equ_9_to_14_by_hand():
     policy, step = fixed_agent_policy()
     w = policy.weights(*step)
-    # c = (3/4, 1/4) (Equ. 9); d_l = softmax(ln 4, 0) = (4/5, 1/5) (Equ. 12); d_f = softmax(0, ln 2) = (1/3, 2/3) (Equ. 11)
+    # c = (3/4, 1/4) (Equ. 9); d_l = softmax(ln 4, 0) = (4/5, 1/5) (Equ. 12);
+    # d_f = softmax(0, ln 2) = (1/3, 2/3) (Equ. 11)
     # w_l = ((1/4, 3/4) + c + d_l) / 3 = (0.6, 0.4); w_f = ((1/2, 1/2) + c + d_f) / 3 = (19/36, 17/36)
     assert torch.allclose(w.logit, torch.tensor([[0.6, 0.4]]), atol=1e-6)
     assert torch.allclose(w.feat, torch.tensor([[19 / 36, 17 / 36]]), atol=1e-6)
@@ -201,6 +202,40 @@ def test_pg_step_is_exactly_equ7_on_the_head_bias():
     assert metrics["reward"] == pytest.approx(-1.25 - 0.5 - 5 * 0.25, abs=1e-6)
     for head, b0 in zip((policy.agent.head_logit, policy.agent.head_feat), before):
         assert torch.allclose(head.bias - b0, torch.tensor([0.05, -0.05]), atol=1e-6)
+
+
+def one_update(policy, step):
+    policy.begin_epoch(0)
+    policy.observe(step[0], policy.weights(*step), *step[1:])
+    return policy.end_epoch(0)
+
+
+def test_pg_form_prob_max_grad_norm_and_divergence_guard():
+    # pg_form prob: L = -mean_i sum_m Rbar g; at g = (1/2, 1/2), Rbar = (1/2, -1/2):
+    # dL/db_m = -mean_i g_m (Rbar_m - sum_k Rbar_k g_k) = (-1/4, 1/4) -> the bias moves by (+0.025, -0.025)
+    step = two_teacher_episode()
+    policy = build_policy("mtkd_rl", 2, {"pg_form": "prob"})
+    policy.setup(step[1])
+    with torch.no_grad():
+        policy.agent.trunk.weight.zero_()
+        policy.agent.head_logit.bias.zero_()
+    one_update(policy, step)
+    assert torch.allclose(policy.agent.head_logit.bias, torch.tensor([0.025, -0.025]), atol=1e-6)
+    # max_grad_norm: the whole update (all agent parameters) moves by lr * clip at most
+    policy = build_policy("mtkd_rl", 2, {"max_grad_norm": 0.01})
+    policy.setup(step[1])
+    before = torch.cat([p.detach().flatten().clone() for p in policy.agent.parameters()])
+    one_update(policy, step)
+    after = torch.cat([p.detach().flatten() for p in policy.agent.parameters()])
+    assert (after - before).norm().item() == pytest.approx(0.1 * 0.01, rel=1e-3)
+    # a diverged agent is a clear error, not NaN weights for the student
+    policy = build_policy("mtkd_rl", 2, {"lr": 1e38})
+    policy.setup(step[1])
+    with pytest.raises(DistillError, match="max_grad_norm"):
+        for _ in range(5):
+            one_update(policy, step)
+    with pytest.raises(ValueError):
+        POLICIES["mtkd_rl"].check_args({"variant": "official", "pg_form": "prob"})
 
 
 def run_epochs(policy, step, epochs, steps_per_epoch=4):

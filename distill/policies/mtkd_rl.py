@@ -49,6 +49,20 @@ Reward (Equ. 6-8), ``variant: paper`` (default)
         L = -mean_i sum_m Rbar[i, m] (log g_l[i, m] + log g_f[i, m])
 
     with learnable gammas the log of the fused weights ``w_l, w_f`` replaces ``log g``.
+    ``pg_form: prob`` (not the default) instead takes Equ.(7) as printed, ``grad pi`` rather
+    than ``grad log pi``: ``L = -mean_i sum_m Rbar[i, m] (g_l[i, m] + g_f[i, m])`` (the
+    expected normalised reward, bounded).
+
+Stability (measured, see the report of the change that added this policy)
+    The default objective has no minimum: per sample it is linear in the heads' logit gaps
+    once the softmax saturates, so its gradient never vanishes and the agent's weights grow
+    without bound (geometrically, through the two layers). With the paper's raw state and
+    lr 0.1 the agent loss reaches ~-1e12 after the first update epoch on the digits quickstart
+    and overflows (NaN) after ~4 epochs; ``state_norm: running`` slows this, it does not stop
+    it. ``max_grad_norm: x`` (clip the agent's gradient norm; default none, the authors'
+    optimiser) bounds the growth per step; ``pg_form: prob`` and ``variant: official`` have
+    bounded objectives. A non-finite agent after an update raises a DistillError naming these
+    options (the previous epoch's checkpoint is kept).
 
 ``variant: official`` (the authors' code, for comparison)
     One reward per sample shared by all teachers ``r = -(CE + alpha sum_m w_l KD + beta sum_m
@@ -63,8 +77,9 @@ Schedule (Algorithms 1-2)
     recorded; the agent is trained at the epoch's end. Later epochs: the agent is frozen,
     its weights drive the student, episodes are recorded and, at the epoch's end, the agent
     takes one optimiser step per recorded batch in recording order (SGD, ``lr`` 0.1,
-    ``momentum`` 0, ``weight_decay`` 0 by default: the authors' values). The episode buffer
-    is then emptied. ``update_every: K`` also updates after every K recorded batches.
+    ``momentum`` 0, ``weight_decay`` 0 by default: the authors' values; ``max_grad_norm``
+    optional). The episode buffer is then emptied. ``update_every: K`` also updates after
+    every K recorded batches.
 
 Episode buffer
     At most ``buffer`` batches (default 1024; a CIFAR epoch at batch 64 is 782 batches, so
@@ -101,11 +116,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import DistillError
 from ..signals import Signals, StudentOutputs, TeacherOutputs
 from .base import Weights, WeightingPolicy, register_policy
 from .camkd import confidence_weights
 
 VARIANTS = ("paper", "official")
+PG_FORMS = ("log", "prob")
 STATE_NORMS = ("none", "running")
 BUFFER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _VAR_EPS = 1e-5
@@ -273,11 +290,12 @@ class MTKDRLPolicy(WeightingPolicy):
                  learnable_gammas: bool = False, lr: float = 0.1, momentum: float = 0.0,
                  weight_decay: float = 0.0, warmup_epochs: int = 1, buffer: int = 1024,
                  update_every: Optional[int] = None, buffer_dtype: str = "bfloat16", state_norm: str = "none",
-                 seed: int = 0):
+                 seed: int = 0, pg_form: str = "log", max_grad_norm: Optional[float] = None):
         super().__init__(num_teachers)
         args = dict(variant=variant, hidden=hidden, gammas=gammas, learnable_gammas=learnable_gammas, lr=lr,
                     momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs, buffer=buffer,
-                    update_every=update_every, buffer_dtype=buffer_dtype, state_norm=state_norm, seed=seed)
+                    update_every=update_every, buffer_dtype=buffer_dtype, state_norm=state_norm, seed=seed,
+                    pg_form=pg_form, max_grad_norm=max_grad_norm)
         type(self).check_args(args)
         self.variant, self.hidden = variant, hidden
         self.gamma_rows = parse_gammas(gammas)
@@ -286,6 +304,8 @@ class MTKDRLPolicy(WeightingPolicy):
         self.warmup_epochs, self.capacity, self.update_every = warmup_epochs, buffer, update_every
         self.buffer_dtype = BUFFER_DTYPES[buffer_dtype]
         self.state_norm, self.seed = state_norm, seed
+        self.pg_form = pg_form
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.alpha, self.beta, self.temperature, self.logit_loss = 1.0, 5.0, 4.0, "kd"
         self.agent: Optional[MTKDAgent] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -318,7 +338,9 @@ class MTKDRLPolicy(WeightingPolicy):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (positive and v == 0):
                 raise ValueError(f"policy 'mtkd_rl': {key} must be a number {'>' if positive else '>='} 0, got {v!r}")
 
-        for key, choices in (("variant", VARIANTS), ("state_norm", STATE_NORMS), ("buffer_dtype", tuple(BUFFER_DTYPES))):
+        choice_args = (("variant", VARIANTS), ("state_norm", STATE_NORMS), ("buffer_dtype", tuple(BUFFER_DTYPES)),
+                       ("pg_form", PG_FORMS))
+        for key, choices in choice_args:
             if key in args and args[key] not in choices:
                 raise ValueError(f"policy 'mtkd_rl': {key} must be one of {', '.join(choices)}, got {args[key]!r}")
         integer("hidden", 1)
@@ -329,8 +351,13 @@ class MTKDRLPolicy(WeightingPolicy):
         number("lr", True)
         number("momentum", False)
         number("weight_decay", False)
+        if args.get("max_grad_norm") is not None:
+            number("max_grad_norm", True)
+        if args.get("pg_form", "log") != "log" and args.get("variant", "paper") != "paper":
+            raise ValueError("policy 'mtkd_rl': pg_form applies to variant paper only")
         if not isinstance(args.get("learnable_gammas", False), bool):
-            raise ValueError(f"policy 'mtkd_rl': learnable_gammas must be true or false, got {args['learnable_gammas']!r}")
+            raise ValueError("policy 'mtkd_rl': learnable_gammas must be true or false, "
+                             f"got {args['learnable_gammas']!r}")
         rows = parse_gammas(args.get("gammas"))
         if args.get("learnable_gammas") and any(v <= 0 for row in rows for v in row):
             raise ValueError("policy 'mtkd_rl': learnable_gammas needs every initial gamma > 0")
@@ -340,7 +367,8 @@ class MTKDRLPolicy(WeightingPolicy):
     def setup(self, teachers: TeacherOutputs, alpha: float = 1.0, beta: float = 5.0,
               temperature: float = 4.0, logit_loss: str = "kd") -> None:
         """Record the loss settings and build the agent for the pool's shapes (idempotent)."""
-        self.alpha, self.beta, self.temperature, self.logit_loss = float(alpha), float(beta), float(temperature), logit_loss
+        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+        self.logit_loss = logit_loss
         if teachers.num_teachers != self.num_teachers:
             raise ValueError(f"policy 'mtkd_rl' was built for {self.num_teachers} teachers, the pool has "
                              f"{teachers.num_teachers}")
@@ -455,7 +483,10 @@ class MTKDRLPolicy(WeightingPolicy):
             log_l = fuse(gam[0], log_gl.exp(), conf, div_l).clamp_min(1e-12).log()
             log_f = fuse(gam[1], log_gf.exp(), conf, div_f).clamp_min(1e-12).log()
         if self.variant == "paper":
-            return -(normalise_rewards(reward) * (log_l + log_f)).sum(1).mean()
+            rbar = normalise_rewards(reward)
+            if self.pg_form == "prob":  # Equ.(7) as printed: the gradient of pi itself
+                return -(rbar * (log_l.exp() + log_f.exp())).sum(1).mean()
+            return -(rbar * (log_l + log_f)).sum(1).mean()
         return -(reward.unsqueeze(1) * (log_l + log_f)).mean()
 
     def _update(self) -> None:
@@ -472,6 +503,7 @@ class MTKDRLPolicy(WeightingPolicy):
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # host copies were non-blocking
         params = [p for p in agent.parameters() if p.requires_grad]
+        period_loss: Any = torch.zeros((), dtype=torch.float64, device=device)
         with torch.enable_grad(), torch.autocast(device.type, enabled=False):
             for entry in sorted(self.episodes, key=lambda e: e["step"]):
                 loss = self.agent_loss(entry)
@@ -483,11 +515,20 @@ class MTKDRLPolicy(WeightingPolicy):
                         if p.grad is not None:
                             dist.all_reduce(p.grad)
                             p.grad.div_(world)
+                if self.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                 self.optimizer.step()
-                self._m_loss = self._m_loss + loss.detach().double()
+                period_loss = period_loss + loss.detach().double()
                 self._m_updates += 1
+        self._m_loss = self._m_loss + period_loss
         self.episodes = []
         self.seen = 0
+        if not (torch.isfinite(period_loss) and all(torch.isfinite(p).all() for p in params)):
+            raise DistillError(
+                f"policy 'mtkd_rl': the agent diverged (non-finite agent loss or parameters) in the update of "
+                f"epoch {self.epoch + 1}. The 'paper' objective -sum_m Rbar log g has no minimum, so the agent "
+                "grows without bound; bound it with distill.policy_args max_grad_norm (e.g. 1.0) or "
+                "pg_form: prob, or slow it with state_norm: running / a smaller lr")
 
     # -- epochs ------------------------------------------------------------------
 
