@@ -114,11 +114,15 @@ class Distiller:
         ``trainable`` overrides the module that runs the student (a DDP wrapper of
         :attr:`trainable`).
         """
+        # Teachers first: their activations are freed before the student's, which autograd
+        # keeps for backward, are allocated, so the two never coexist (the step's peak memory
+        # is the larger of the two, not their sum; benchmarks/step_cost.py). Teachers are in
+        # eval mode and draw no random numbers, so the order changes no result.
+        teachers = self.pool(x) if len(self.pool) else None
         student = (trainable or self.trainable)(x)
-        if not len(self.pool):
+        if teachers is None:
             ce = losses.cross_entropy(student.logits, target)
             return StepOutput(ce.mean(), ce, student.logits, {"ce": ce.detach().mean()}, None, None, None, student)
-        teachers = self.pool(x)
         signals = compute_signals(student, teachers, target, self.temperature, self.logit_loss)
         weights = self.policy.weights(signals, teachers, student, target)
         weights = Weights(weights.logit.detach(), weights.feat.detach())

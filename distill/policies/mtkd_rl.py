@@ -109,6 +109,7 @@ while the agent drove the student) and ``gamma_*`` with learnable gammas.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -315,6 +316,7 @@ class MTKDRLPolicy(WeightingPolicy):
         self.seen = 0  # batches recorded since the last agent update (reservoir count)
         self.step = 0  # batches recorded since the policy was built (orders the replay)
         self.epoch = 0
+        self._step_cache: Optional[Tuple[Any, ...]] = None  # (weakref to Signals, state, conf, div_l, div_f)
         self._reset_metrics()
 
     # -- arguments ------------------------------------------------------------
@@ -414,12 +416,16 @@ class MTKDRLPolicy(WeightingPolicy):
             return Weights(w, w)
         agent = self._ensure_agent(teachers)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            log_gl, log_gf = agent(build_state(signals, teachers))
+            state = build_state(signals, teachers)
+            conf, div_l, div_f = (confidence_weights(signals.teacher_ce), divergence_weights(signals.kl),
+                                  divergence_weights(signals.cos))
+            # observe() of the same step reuses these (built once per step, not twice)
+            self._step_cache = (weakref.ref(signals), state, conf, div_l, div_f)
+            log_gl, log_gf = agent(state)
             g_l, g_f = log_gl.exp(), log_gf.exp()
-            conf = confidence_weights(signals.teacher_ce)
             gam = agent.gammas()
-            w_l = fuse(gam[0], g_l, conf, divergence_weights(signals.kl))
-            w_f = fuse(gam[1], g_f, conf, divergence_weights(signals.cos))
+            w_l = fuse(gam[0], g_l, conf, div_l)
+            w_f = fuse(gam[1], g_f, conf, div_f)
             self._m_gen = self._m_gen + torch.stack([g_l.sum(0), g_f.sum(0)]).double()
             self._m_gen_count += batch
         return Weights(w_l, w_f)
@@ -428,8 +434,14 @@ class MTKDRLPolicy(WeightingPolicy):
                 target: Tensor) -> None:
         """Record this step's (state, confidence / divergence weights, reward) episode."""
         agent = self._ensure_agent(teachers)
+        cache, self._step_cache = self._step_cache, None
         with torch.no_grad(), torch.autocast(signals.student_ce.device.type, enabled=False):
-            state = build_state(signals, teachers)
+            if cache is not None and cache[0]() is signals:
+                state, conf, div_l, div_f = cache[1:]
+            else:
+                state = build_state(signals, teachers)
+                conf, div_l, div_f = (confidence_weights(signals.teacher_ce), divergence_weights(signals.kl),
+                                      divergence_weights(signals.cos))
             if agent.running_norm:
                 agent.accumulate(state)
             if self.variant == "paper":
@@ -440,9 +452,8 @@ class MTKDRLPolicy(WeightingPolicy):
             self._m_reward = self._m_reward + raw.double().sum()
             self._m_reward_count += raw.numel()
             entry = {"step": self.step, "state": self._to_host(state, self.buffer_dtype),
-                     "conf": self._to_host(confidence_weights(signals.teacher_ce)),
-                     "div_logit": self._to_host(divergence_weights(signals.kl)),
-                     "div_feat": self._to_host(divergence_weights(signals.cos)),
+                     "conf": self._to_host(conf), "div_logit": self._to_host(div_l),
+                     "div_feat": self._to_host(div_f),
                      "reward": self._to_host(reward)}
         self._record(entry)
         if self.update_every is not None and self.seen >= self.update_every:

@@ -1,0 +1,400 @@
+"""Per-step cost of multi-teacher distillation against its lower bound (time and memory).
+
+Variants, all built on the same models (same teacher weights, same student initialisation,
+same projector initialisation, same batch) and timed *interleaved* in one process: each
+round runs one step of every variant, in an order rotated every round, so drifts in machine
+speed hit all variants alike. Reported: the median over ``--steps`` rounds after
+``--warmup`` rounds.
+
+``bound`` (the lower bound, the issue's definition), plain PyTorch written here:
+    every teacher's ``model(x)`` under ``torch.inference_mode()``, then the student's
+    forward, cross-entropy, backward and optimiser step. Nothing else.
+``bound+kd`` (informative): ``bound`` plus the loss of Equ.(2) with equal weights written
+    inline, vectorised: teacher logits stacked ``(M, B, C)``, Hinton KD over all teachers in
+    one call, one linear projector per teacher and FitNet MSE on the pre-logit features
+    (the teachers' forward then returns features too: ``forward_features`` +
+    ``forward_head``, the same FLOPs as ``model(x)``).
+``aver``, ``camkd``, ``mtkd_rl``, ``mixture`` (and any extra ``--variants``): the real
+    :class:`distill.distiller.Distiller` step exactly as ``engine.Trainer`` runs it:
+    ``d(x, y)``, ``zero_grad``, ``backward``, ``step``, ``policy.observe`` and the Trainer's
+    per-step meter update (``_EpochMeter.update``). MTKD-RL runs as after its warm-up epoch
+    (the agent produces the weights and every step is recorded); its end-of-epoch agent update
+    (one agent optimiser step per recorded batch) is timed after the rounds and reported per
+    recorded batch, i.e. amortised per step, in its own column.
+
+Memory, two measures (``--no-memory`` skips the second):
+
+``saved MiB``: bytes of the distinct tensor storages autograd saves for backward during one
+    step's forward (``torch.autograd.graph.saved_tensors_hooks``; parameters excluded, they
+    are resident anyway). Deterministic, device-independent: the activation memory a step
+    holds at its peak (just before backward).
+``peak MiB``: each variant alone in a fresh process. CUDA: ``torch.cuda.max_memory_allocated``
+    over the measured steps minus what was allocated before them. CPU (Linux): high-water RSS
+    (``VmHWM``, reset through ``/proc/self/clear_refs`` after the warm-up steps) minus the RSS
+    before the measured steps, with glibc started with ``MALLOC_MMAP_THRESHOLD_=65536`` so
+    freed tensors leave the RSS at once. This includes workspace and transient buffers that
+    ``saved MiB`` does not see, and allocator noise of ~1 MiB.
+The MTKD-RL episode buffer also grows by a fixed number of host bytes per recorded batch
+until the epoch-end update empties it (``buffer KiB/step``).
+
+Settings: ``--setting table1`` is the CIFAR-100 Table 1 setting (student
+``cifar_shufflenetv2``, pool ``cifar100_cnn4`` randomly initialised, batch 64, 32 px);
+``--setting cpu-small`` is ``cifar_resnet8`` with three small zoo teachers. The default is
+``table1`` on CUDA and ``cpu-small`` on CPU (one Table 1 step takes ~15 s on 2 CPU cores, so
+20+ interleaved rounds of 6 variants do not fit in minutes).
+
+    python benchmarks/step_cost.py                                  # CPU: cpu-small, < 5 min
+    python benchmarks/step_cost.py --setting table1 --steps 20      # the Table 1 setting
+    python benchmarks/step_cost.py --device cuda                    # GPU: table1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import timm  # noqa: E402
+
+import zoo  # noqa: E402,F401  (registers the zoo models)
+from zoo.pools import get_pool  # noqa: E402
+from distill.distiller import Distiller  # noqa: E402
+from distill.policies import build_policy  # noqa: E402
+from distill.registry import DataSpec  # noqa: E402
+from distill.taps import parse_feature_tap  # noqa: E402
+from distill.teachers import InputAdapter, Teacher, TeacherPool  # noqa: E402
+
+try:  # the Trainer's per-step meter (engine.py); absent: the meter is not timed
+    from distill.engine import _EpochMeter  # noqa: E402
+except ImportError:  # pragma: no cover
+    _EpochMeter = None
+
+SETTINGS = {
+    "table1": dict(student="cifar_shufflenetv2", teachers=list(get_pool("cifar100_cnn4").teachers), classes=100,
+                   size=32, batch=64),
+    "cpu-small": dict(student="cifar_resnet8", teachers=["cifar_resnet14", "cifar_resnet20", "cifar_wrn_16_1"],
+                      classes=100, size=32, batch=64),
+}
+POLICY_VARIANTS: Dict[str, Tuple[str, dict]] = {
+    "aver": ("aver", {}),
+    "camkd": ("camkd", {}),
+    "mtkd_rl": ("mtkd_rl", {}),
+    "mixture": ("mixture", {}),
+    "ebkd": ("ebkd", {}),
+    "mtkd_rl-official": ("mtkd_rl", {"variant": "official"}),
+    "mtkd_rl-running-learnable": ("mtkd_rl", {"state_norm": "running", "learnable_gammas": True}),
+    "mixture-over-mtkd_rl": ("mixture", {"over": "mtkd_rl"}),
+}
+BOUNDS = ("bound", "bound+kd")
+DEFAULT_VARIANTS = ["bound", "bound+kd", "aver", "camkd", "mtkd_rl", "mixture"]
+ALPHA, BETA, T = 1.0, 5.0, 4.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--setting", choices=sorted(SETTINGS), help="default: table1 on CUDA, cpu-small on CPU")
+    p.add_argument("--student")
+    p.add_argument("--teachers", nargs="+")
+    p.add_argument("--classes", type=int)
+    p.add_argument("--size", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--steps", type=int, default=25, help="measured rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least sensitive to other load)")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                   help="subset of: " + ", ".join([*BOUNDS, *POLICY_VARIANTS]))
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory processes")
+    p.add_argument("--memory-steps", type=int, default=5, help="measured steps in each memory process")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one variant, print its peak memory
+    args = p.parse_args(argv)
+    setting = args.setting or ("table1" if args.device.startswith("cuda") else "cpu-small")
+    args.setting = setting
+    for key, value in SETTINGS[setting].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = [v for v in args.variants if v not in BOUNDS and v not in POLICY_VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}")
+    for needed in ("bound", "aver"):
+        if needed not in args.variants:
+            args.variants.insert(0, needed)
+    return args
+
+
+# ----------------------------------------------------------------------------- the variants
+
+
+class Step:
+    """One variant: ``run(x, y)`` is one full training step."""
+
+    def __init__(self, name: str, run: Callable, module: nn.Module, optimizer, distiller=None, meter=None):
+        self.name, self.run, self.module, self.optimizer = name, run, module, optimizer
+        self.distiller, self.meter = distiller, meter
+
+
+def build(args: argparse.Namespace, names: List[str]):
+    """Return ({variant: Step}, x, y), every variant on identical models."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    spec = DataSpec((3, args.size, args.size), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    tap = parse_feature_tap("pre_logits")
+    models = [timm.create_model(n, num_classes=args.classes).to(device).eval().requires_grad_(False)
+              for n in args.teachers]
+    student0 = timm.create_model(args.student, num_classes=args.classes).to(device)
+    pool = None
+    steps: Dict[str, Step] = {}
+    for name in names:
+        torch.manual_seed(1)  # identical projector init everywhere
+        student = copy.deepcopy(student0).train()
+        if name == "bound":
+            opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+            steps[name] = Step(name, _bound_step(models, student, opt), student, opt)
+        elif name == "bound+kd":
+            d_s = student.num_features
+            projectors = nn.ModuleList(nn.Linear(d_s, m.num_features) for m in models).to(device)
+            module = nn.ModuleDict({"student": student, "projectors": projectors})
+            opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+            steps[name] = Step(name, _bound_kd_step(models, student, projectors, opt), module, opt)
+        else:
+            if pool is None:
+                pool = TeacherPool([Teacher(f"{i}:{n}", m, InputAdapter(spec, spec.mean, spec.std), tap,
+                                            spec.input_size) for i, (n, m) in enumerate(zip(args.teachers, models))])
+            policy_name, policy_args = POLICY_VARIANTS[name]
+            policy = build_policy(policy_name, len(pool), dict(policy_args))
+            d = Distiller(student, pool, policy, tap, spec.input_size).to(device)
+            d.trainable.train()
+            policy.begin_epoch(1)  # after the warm-up epoch: MTKD-RL's agent drives the weights
+            opt = torch.optim.SGD(d.trainable.parameters(), lr=0.01, momentum=0.9)
+            meter = _EpochMeter(device, len(pool)) if _EpochMeter is not None else None
+            steps[name] = Step(name, _distiller_step(d, opt, meter), d.trainable, opt, d, meter)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(args.batch, *spec.input_size, generator=g).to(device)
+    y = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
+    return steps, x, y
+
+
+def _bound_step(models, student, opt):
+    def run(x, y):
+        with torch.inference_mode():
+            for m in models:
+                m(x)
+        loss = F.cross_entropy(student(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run
+
+
+def _bound_kd_step(models, student, projectors, opt):
+    def run(x, y):
+        with torch.inference_mode():
+            t_feats = [m.forward_head(m.forward_features(x), pre_logits=True) for m in models]
+            t_logits = torch.stack([m.get_classifier()(f) for m, f in zip(models, t_feats)])  # (M, B, C)
+        t_logits = t_logits.clone()
+        t_feats = [f.clone() for f in t_feats]
+        feat = student.forward_head(student.forward_features(x), pre_logits=True)
+        logits = student.get_classifier()(feat)
+        ce = F.cross_entropy(logits, y)
+        log_p_s = F.log_softmax(logits / T, dim=-1)
+        log_p_t = F.log_softmax(t_logits / T, dim=-1)
+        kd = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * T * T  # mean over (M, B)
+        fit = sum((p(feat) - f).pow(2).mean() for p, f in zip(projectors, t_feats)) / len(models)
+        loss = ce + ALPHA * kd + BETA * fit
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run
+
+
+def _distiller_step(d: Distiller, opt, meter):
+    def run(x, y):
+        out = d(x, y)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        d.policy.observe(out.signals, out.weights, out.teachers, out.student, y)
+        if meter is not None:
+            meter.update(out, y)
+    return run
+
+
+# ----------------------------------------------------------------------------- measures
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def saved_bytes(step: Step, x, y) -> int:
+    """Return the bytes of distinct non-parameter storages autograd saves during one step."""
+    params = {p.untyped_storage().data_ptr() for p in step.module.parameters()}
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step.run(x, y)
+    return sum(seen.values())
+
+
+def agent_update_ms(step: Step, device: torch.device) -> Tuple[float, float]:
+    """Return (epoch-end agent update ms per recorded batch, buffer host bytes per recorded batch)."""
+    if step.distiller is None:
+        return float("nan"), float("nan")
+    p = step.distiller.policy
+    p = getattr(p, "inner", None) or p
+    if not hasattr(p, "episodes") or not p.episodes:
+        return float("nan"), float("nan")
+    n = len(p.episodes)
+    nbytes = sum(t.numel() * t.element_size() for e in p.episodes for t in e.values() if isinstance(t, torch.Tensor))
+    sync(device)
+    start = time.perf_counter()
+    step.distiller.policy.end_epoch(1)
+    sync(device)
+    return 1000 * (time.perf_counter() - start) / n, nbytes / n
+
+
+def _proc_status_mib(key: str) -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """Run one variant alone; print the peak memory of its steps above what was resident before."""
+    device = torch.device(args.device)
+    steps, x, y = build(args, [args.memory_probe])
+    step = steps[args.memory_probe]
+    for _ in range(args.warmup):
+        step.run(x, y)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        base = _proc_status_mib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    for _ in range(args.memory_steps):
+        step.run(x, y)
+    if device.type == "cuda":
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = _proc_status_mib("VmHWM")
+    print(json.dumps({"peak_mib": peak - base}))
+
+
+def probe_memory(args: argparse.Namespace, variant: str) -> float:
+    cmd = [sys.executable, __file__, "--memory-probe", variant, "--setting", args.setting, "--student", args.student,
+           "--teachers", *args.teachers, "--classes", str(args.classes), "--size", str(args.size),
+           "--batch", str(args.batch), "--warmup", str(args.warmup), "--memory-steps", str(args.memory_steps),
+           "--device", args.device, "--threads", str(args.threads)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        memory_probe(args)
+        return
+    device = torch.device(args.device)
+    names = list(dict.fromkeys(args.variants))
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    steps, x, y = build(args, names)
+    times: Dict[str, List[float]] = {v: [] for v in names}
+    for r in range(args.warmup + args.steps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            sync(device)
+            t0 = time.perf_counter()
+            steps[name].run(x, y)
+            sync(device)
+            if r >= args.warmup:
+                times[name].append(1000 * (time.perf_counter() - t0))
+    saved = {v: saved_bytes(steps[v], x, y) / 2**20 for v in names}
+    updates = {v: agent_update_ms(steps[v], device) for v in names}
+    peak = {v: probe_memory(args, v) for v in names} if not args.no_memory else {}
+    load_after = os.getloadavg()[0]
+
+    med = {v: statistics.median(times[v]) for v in names}
+    amort = {v: med[v] + (updates[v][0] if updates[v][0] == updates[v][0] else 0.0) for v in names}
+    print(f"machine: {machine(device)}; device {device}, {torch.get_num_threads()} torch thread(s); torch "
+          f"{torch.__version__}, timm {timm.__version__}; load average {load_before:.2f} before, {load_after:.2f} "
+          f"after; {time.perf_counter() - started:.0f} s")
+    print(f"setting {args.setting}: student {args.student}; teachers {', '.join(args.teachers)}; C={args.classes}, "
+          f"batch {args.batch}, {args.size}x{args.size}, pre_logits features; median of {args.steps} interleaved "
+          f"steps after {args.warmup} warm-up\n")
+    head = ["variant", "step ms: median [p25, p75]", "× bound", "× bound+kd", "agent update ms/step",
+            "amortised ms", "amortised × bound", "saved MiB", "× bound saved"]
+    if peak:
+        head += ["peak MiB", "× bound peak"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    rows = {}
+    for v in names:
+        q1, _, q3 = statistics.quantiles(times[v], n=4)
+        upd, nbytes = updates[v]
+        row = [v, f"{med[v]:.1f} [{q1:.1f}, {q3:.1f}]", f"{med[v] / med['bound']:.3f}",
+               f"{med[v] / med['bound+kd']:.3f}" if "bound+kd" in med else "–",
+               "–" if upd != upd else f"{upd:.2f}", f"{amort[v]:.1f}", f"{amort[v] / med['bound']:.3f}",
+               f"{saved[v]:.2f}", f"{saved[v] / saved['bound']:.3f}"]
+        if peak:
+            row += [f"{peak[v]:.1f}", f"{peak[v] / peak['bound']:.3f}"]
+        print("| " + " | ".join(row) + " |")
+        rows[v] = {"median_ms": med[v], "p25_ms": q1, "p75_ms": q3, "agent_update_ms_per_step": upd,
+                   "amortised_ms": amort[v], "saved_mib": saved[v], "peak_mib": peak.get(v),
+                   "buffer_bytes_per_step": nbytes, "times_ms": times[v]}
+    print()
+    for v in [n for n in names if n.startswith("mtkd_rl")]:
+        pk = f", peak {peak[v] / peak['aver']:.3f}×" if peak else ""
+        print(f"{v} / aver: time {med[v] / med['aver']:.3f}× (amortised with the agent update "
+              f"{amort[v] / med['aver']:.3f}×), saved memory {saved[v] / saved['aver']:.3f}×{pk}; episode buffer "
+              f"{updates[v][1] / 1024:.1f} KiB per recorded step (host, freed at the epoch-end update)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setting": args.setting, "args": vars(args), "torch": torch.__version__,
+                                               "machine": machine(device), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
