@@ -451,11 +451,12 @@ class MTKDRLPolicy(WeightingPolicy):
                 raw, reward = official_rewards(signals, weights, self.alpha, self.beta)
             self._m_reward = self._m_reward + raw.double().sum()
             self._m_reward_count += raw.numel()
-            entry = {"step": self.step, "state": self._to_host(state, self.buffer_dtype),
-                     "conf": self._to_host(conf), "div_logit": self._to_host(div_l),
-                     "div_feat": self._to_host(div_f),
-                     "reward": self._to_host(reward)}
-        self._record(entry)
+            step = self.step
+            slot = self._reserve()
+            if slot is not None:  # copied to the host only when the reservoir keeps it
+                self._store(slot, {"step": step, "state": self._to_host(state, self.buffer_dtype),
+                                   "conf": self._to_host(conf), "div_logit": self._to_host(div_l),
+                                   "div_feat": self._to_host(div_f), "reward": self._to_host(reward)})
         if self.update_every is not None and self.seen >= self.update_every:
             self._update()
 
@@ -464,18 +465,33 @@ class MTKDRLPolicy(WeightingPolicy):
         t = t.to(dtype)
         return t.to("cpu", non_blocking=True) if t.is_cuda else t.contiguous()
 
-    def _record(self, entry: Dict[str, Any]) -> None:
-        """Add an episode to the buffer: Algorithm R reservoir sampling over the period."""
+    def _reserve(self) -> Optional[int]:
+        """Count one recorded batch; return its buffer slot, or None when the reservoir drops it.
+
+        Algorithm R over the period (epoch, or ``update_every`` batches): the k-th batch
+        (0-based) fills slot k while the buffer has room, else replaces slot ``j ~ U{0..k}``
+        when ``j < buffer``; each of the period's n batches is kept with probability ``buffer / n``.
+        """
         k = self.seen
         self.seen += 1
         self.step += 1
         self._m_episodes += 1
         if len(self.episodes) < self.capacity:
-            self.episodes.append(entry)
-            return
+            return len(self.episodes)
         j = int(torch.randint(0, k + 1, (1,), generator=self.rng).item())
-        if j < self.capacity:
-            self.episodes[j] = entry
+        return j if j < self.capacity else None
+
+    def _store(self, slot: int, entry: Dict[str, Any]) -> None:
+        if slot == len(self.episodes):
+            self.episodes.append(entry)
+        else:
+            self.episodes[slot] = entry
+
+    def _record(self, entry: Dict[str, Any]) -> None:
+        """Add an episode (``entry['step']`` orders the replay) through reservoir sampling."""
+        slot = self._reserve()
+        if slot is not None:
+            self._store(slot, entry)
 
     # -- agent update --------------------------------------------------------------
 
