@@ -38,12 +38,23 @@ def _train(argv: List[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1 schedule.epochs=10")
     parser.add_argument("--resume", action="store_true", help="continue every phase from its last checkpoint")
     parser.add_argument("--output-dir", help="run directory (default: the recipe's output_dir or runs/<name>)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build every model and run one step on a synthetic batch; no data needed, nothing written")
+    parser.add_argument("--offline", action="store_true",
+                        help="with --dry-run: local caches only; unreachable weights become random init")
     args = parser.parse_intermixed_args(argv)
 
     from .pipeline import RecipeRunner
     from .recipe import load_recipe
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    if args.offline and not args.dry_run:
+        parser.error("--offline only applies to --dry-run")
+    if args.dry_run:
+        from .dryrun import dry_run
+
+        print(dry_run(load_recipe(args.recipe, overrides, check_data=False), offline=args.offline).table())
+        return 0
     recipe = load_recipe(args.recipe, overrides)
     report = RecipeRunner(recipe, resume=args.resume).run()
     print(report.table())

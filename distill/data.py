@@ -184,8 +184,37 @@ def _subset(dataset: Dataset, n: Optional[int], field: str) -> Dataset:
 # ----------------------------------------------------------------------------- transforms
 
 
+def timm_transform_args(cfg: Any) -> Dict[str, Any]:
+    """Return the ``create_transform`` training kwargs of a DataConfig (RandAugment, erasing, ...)."""
+    args: Dict[str, Any] = {"auto_augment": getattr(cfg, "auto_augment", None),
+                            "re_prob": getattr(cfg, "re_prob", 0.0),
+                            "interpolation": getattr(cfg, "interpolation", "bilinear")}
+    if getattr(cfg, "color_jitter", None) is not None:
+        args["color_jitter"] = cfg.color_jitter
+    return args
+
+
+def build_mixup(cfg: Any, num_classes: int) -> Optional[Callable]:
+    """Return a ``timm.data.Mixup`` for a DataConfig, or None when it mixes nothing.
+
+    With mixup / cutmix off but ``label_smoothing`` > 0 it still returns a Mixup with
+    ``prob=0`` so that targets become smoothed one-hot ``(B, C)``. The returned callable
+    maps ``(x, y) -> (x', soft targets (B, C))`` and needs an even batch size.
+    """
+    mixup, cutmix = getattr(cfg, "mixup", 0.0), getattr(cfg, "cutmix", 0.0)
+    smoothing = getattr(cfg, "label_smoothing", 0.0)
+    if mixup <= 0 and cutmix <= 0 and smoothing <= 0:
+        return None
+    from timm.data import Mixup
+
+    prob = getattr(cfg, "mixup_prob", 1.0) if (mixup > 0 or cutmix > 0) else 0.0
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob,
+                 switch_prob=getattr(cfg, "mixup_switch_prob", 0.5), mode="batch",
+                 label_smoothing=smoothing, num_classes=num_classes)
+
+
 def _image_transforms(info: DatasetInfo, size: int, augment: str, mean: Tuple[float, ...],
-                      std: Tuple[float, ...]) -> Tuple[Callable, Callable]:
+                      std: Tuple[float, ...], timm_args: Optional[Dict[str, Any]] = None) -> Tuple[Callable, Callable]:
     """Return (train, eval) transforms from a PIL image to a normalised tensor."""
     from torchvision import transforms as T
 
@@ -205,7 +234,7 @@ def _image_transforms(info: DatasetInfo, size: int, augment: str, mean: Tuple[fl
     elif augment == "timm":
         from timm.data import create_transform
 
-        train_tf = create_transform((3, size, size), is_training=True, mean=mean, std=std)
+        train_tf = create_transform((3, size, size), is_training=True, mean=mean, std=std, **(timm_args or {}))
     else:
         raise DistillError(f"data.augment: {augment!r} is not one of {', '.join(AUGMENTS)}")
     return train_tf, eval_tf
@@ -294,7 +323,7 @@ def _build_images(cfg: Any, info: DatasetInfo) -> DataBundle:
     else:
         mean, std = info.mean, info.std
     augment = info.augment if cfg.augment == "auto" else cfg.augment
-    train_tf, eval_tf = _image_transforms(info, size, augment, mean, std)
+    train_tf, eval_tf = _image_transforms(info, size, augment, mean, std, timm_transform_args(cfg))
 
     if info.name == "imagefolder":
         if not cfg.root:

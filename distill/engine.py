@@ -182,6 +182,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps
     return scheduler
 
 
+def mix_batch(mixup: Callable, x: Tensor, y: Tensor):
+    """Return ``mixup(x, y)``: the mixed batch and soft targets ``(B, C)`` (timm ``Mixup``).
+
+    timm's batch mixing needs an even batch; an odd one (a dataset smaller than a batch)
+    is left unmixed and only gets the smoothed one-hot targets.
+    """
+    if x.shape[0] % 2 == 0:
+        return mixup(x, y)
+    from timm.data.mixup import mixup_target
+
+    return x, mixup_target(y, mixup.num_classes, 1.0, mixup.label_smoothing)
+
+
 class Trainer:
     """Trains ``distiller.trainable`` for ``schedule.epochs`` epochs in ``run_dir``.
 
@@ -192,7 +205,8 @@ class Trainer:
 
     def __init__(self, distiller: Distiller, train_loader, val_loader, data: DataSpec, arch: str,
                  model_args: Dict[str, Any], optim: OptimConfig, schedule: ScheduleConfig, run: RunConfig,
-                 run_dir: Path, seed: int, state_extra: Optional[Dict[str, Any]] = None, label: str = "train"):
+                 run_dir: Path, seed: int, state_extra: Optional[Dict[str, Any]] = None, label: str = "train",
+                 batch_transform: Optional[Callable] = None):
         self.distiller = distiller
         self.train_loader, self.val_loader = train_loader, val_loader
         self.data, self.arch, self.model_args = data, arch, model_args
@@ -201,6 +215,7 @@ class Trainer:
         self.seed = seed
         self.state_extra = state_extra or {}
         self.label = label
+        self.batch_transform = batch_transform  # e.g. timm Mixup: (x, y) -> (x', soft targets (B, C))
         self.device = resolve_device(run.device)
         self.dtype = autocast_dtype(run.precision, self.device)
         distiller.to(self.device)
@@ -303,6 +318,8 @@ class Trainer:
                    leave=False, disable=not (self.run.progress and sys.stderr.isatty()), file=sys.stderr)
         for step, (x, y) in enumerate(bar):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.batch_transform is not None:
+                x, y = mix_batch(self.batch_transform, x, y)
             with autocast(self.device, self.dtype):
                 out = d(x, y)
             self.optimizer.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from .data import DataBundle, build_data, build_loader
+from .data import DataBundle, build_data, build_loader, build_mixup
 from .distiller import Distiller
 from .engine import Trainer, TrainResult, evaluate, resolve_device, seed_everything
 from .errors import DistillError
@@ -64,6 +64,39 @@ def _data_spec(bundle: DataBundle) -> DataSpec:
     return DataSpec(tuple(bundle.input_size), tuple(bundle.mean), tuple(bundle.std))
 
 
+def teacher_input_size(cfg: TeacherConfig, resolved_data: Optional[DataSpec], data: DataSpec) -> Optional[int]:
+    """Return the square size teacher ``cfg`` sees the batch at (None: the data's own size).
+
+    ``cfg.input_size`` wins. Otherwise a teacher whose weights carry a data config (timm
+    pretrained, Hub, weights file) is resized to that config's size when it differs from
+    the data's (a 384-px teacher beside 224-px ones); teachers trained here on the recipe's
+    data, or built at random, see the data as is.
+    """
+    if cfg.input_size is not None:
+        return cfg.input_size
+    if resolved_data is not None and tuple(resolved_data.input_size[1:]) != tuple(data.input_size[1:]):
+        return int(resolved_data.input_size[-1])
+    return None
+
+
+def make_teacher(name: str, cfg: TeacherConfig, resolved: ResolvedModel, data: DataSpec, tap: FeatureTap) -> Teacher:
+    """Return the frozen :class:`Teacher` of a resolved model with its input adapter.
+
+    Normalisation: ``cfg.mean/std``, else the weights' data config, else the data's.
+    Resolution: :func:`teacher_input_size`.
+    """
+    spec = resolved.data or data
+    mean, std = (cfg.mean, cfg.std) if cfg.mean is not None else (spec.mean, spec.std)
+    size = teacher_input_size(cfg, resolved.data, data)
+    adapter = InputAdapter(data, mean, std, size)
+    input_shape = (data.input_size[0], *((size, size) if size else data.input_size[1:]))
+    return Teacher(name, resolved.model, adapter, tap, input_shape)
+
+
+def _data_spec(bundle: DataBundle) -> DataSpec:
+    return DataSpec(tuple(bundle.input_size), tuple(bundle.mean), tuple(bundle.std))
+
+
 class RecipeRunner:
     """Runs one recipe in its run directory; every phase resumes or is reused when done."""
 
@@ -87,7 +120,7 @@ class RecipeRunner:
         return resolved
 
     def _train_alone(self, resolved: ResolvedModel, run_dir: Path, optim, schedule, seed: int, label: str,
-                     identity: Dict[str, Any], resume: bool) -> TrainResult:
+                     identity: Dict[str, Any], resume: bool, batch_transform=None) -> TrainResult:
         """Train ``resolved.model`` with cross-entropy alone (no teachers) in ``run_dir``."""
         model = resolved.model
         if model.num_classes != self.bundle.num_classes:
@@ -95,7 +128,7 @@ class RecipeRunner:
         distiller = Distiller(model, TeacherPool([]), None, FeatureTap("pre_logits"), self.bundle.input_size)
         trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, resolved.arch,
                           resolved.model_args, optim, schedule, self.recipe.run, run_dir, seed,
-                          {"identity": identity}, label)
+                          {"identity": identity}, label, batch_transform=batch_transform)
         return trainer.fit(resume=resume)
 
     def prepare_teacher(self, index: int, cfg: TeacherConfig) -> Teacher:
@@ -122,11 +155,7 @@ class RecipeRunner:
                     f"{where} ({cfg.model}): predicts {resolved.model.num_classes} classes but dataset "
                     f"{self.recipe.data.dataset} has {self.bundle.num_classes}; add train: {{epochs: N}} "
                     "to fine-tune it on this dataset")
-        spec = resolved.data or self.data_spec
-        mean, std = (cfg.mean, cfg.std) if cfg.mean is not None else (spec.mean, spec.std)
-        adapter = InputAdapter(self.data_spec, mean, std, cfg.input_size)
-        input_shape = (self.bundle.input_size[0], *(2 * (cfg.input_size,) if cfg.input_size else self.bundle.input_size[1:]))
-        teacher = Teacher(name, resolved.model, adapter, self.tap, input_shape)
+        teacher = make_teacher(name, cfg, resolved, self.data_spec, self.tap)
         teacher.source = dict(resolved.source, name=name)
         if "sha256" not in teacher.source:  # random init: hash the weights as built
             teacher.source["sha256"] = content_hash(resolved.model)
@@ -179,7 +208,8 @@ class RecipeRunner:
                     "policy": recipe.distill.policy}
         trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, student.arch,
                           student.model_args, recipe.optim, recipe.schedule, recipe.run, self.run_dir,
-                          recipe.seed, {"identity": identity}, "distill")
+                          recipe.seed, {"identity": identity}, "distill",
+                          batch_transform=build_mixup(recipe.data, self.bundle.num_classes))
         result = trainer.fit(resume=self.resume)
         report.student = {"name": f"{recipe.student.model} + {len(pool)} teachers ({recipe.distill.policy})",
                           **asdict(result)}
@@ -188,7 +218,8 @@ class RecipeRunner:
             seed_everything(recipe.seed)
             alone = self._resolve(recipe.student, "student.model")
             result = self._train_alone(alone, self.run_dir / "baseline", recipe.optim, recipe.schedule,
-                                       recipe.seed, "baseline", {"student": recipe.student.model}, self.resume)
+                                       recipe.seed, "baseline", {"student": recipe.student.model}, self.resume,
+                                       build_mixup(recipe.data, self.bundle.num_classes))
             report.baseline = {"name": recipe.student.model, **asdict(result)}
         (self.run_dir / "results.json").write_text(json.dumps(asdict(report), indent=1))
         if recipe.run.plot:

@@ -7,6 +7,11 @@ Sized from the shapes seen on a dummy batch, one per teacher, trained with the s
   teacher's spatial size (adaptive average pooling when it is larger, bilinear when smaller;
   every teacher from the original student map), then 1x1 conv -> BN -> ReLU.
 - tokens ``(B, N, D_s) -> (B, N, D_m)``: a linear layer on the channel dim.
+- mixed kinds (a CNN teacher with a ViT student, or the reverse) and token sets of
+  different lengths: :class:`GridProjector`. Tokens are laid out on their square patch
+  grid ``(B, D, g, g)`` (``N = g*g``), resampled like maps, then a 1x1 conv; a map target
+  gets BN -> ReLU after it (as :class:`MapProjector`), a token target is flattened back
+  to ``(B, N_m, D_m)`` without a non-linearity (ViT tokens are signed).
 """
 
 from __future__ import annotations
@@ -47,8 +52,66 @@ class MapProjector(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
+def _grid(n: int, teacher: str, who: str) -> int:
+    g = int(round(n ** 0.5))
+    if g * g != n:
+        raise DistillError(f"teacher {teacher}: {who} has {n} tokens, not a square patch grid; "
+                           "use distill.features: pre_logits")
+    return g
+
+
+def _resample(x: Tensor, size: Tuple[int, int]) -> Tensor:
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    if h >= size[0] and w >= size[1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class GridProjector(nn.Module):
+    """Tokens or map -> tokens or map through the patch grid: resample, then 1x1 conv.
+
+    ``(B, N_s, D_s)`` tokens are reshaped to ``(B, D_s, g, g)``; the map is resampled to the
+    teacher's grid (adaptive average pooling when larger, bilinear when smaller); a 1x1 conv
+    maps the channels; a map target then gets BN -> ReLU, a token target is flattened to
+    ``(B, N_m, D_m)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, size: Tuple[int, int],
+                 tokens_in: bool, tokens_out: bool):
+        super().__init__()
+        self.size = tuple(size)
+        self.tokens_in, self.tokens_out = tokens_in, tokens_out
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=tokens_out)
+        self.bn = None if tokens_out else nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return the projection in the teacher's layout."""
+        if self.tokens_in:
+            b, n, d = x.shape
+            g = int(round(n ** 0.5))
+            x = x.transpose(1, 2).reshape(b, d, g, g)
+        x = self.conv(_resample(x, self.size))
+        if self.tokens_out:
+            return x.flatten(2).transpose(1, 2)
+        return F.relu(self.bn(x))
+
+
 def build_projector(student_shape: Sequence[int], teacher_shape: Sequence[int], teacher: str) -> nn.Module:
     """Return the projector for one teacher from per-sample shapes (no batch dim)."""
+    kinds = {len(student_shape), len(teacher_shape)}
+    if kinds == {2, 3} or (len(student_shape) == len(teacher_shape) == 2 and student_shape[0] != teacher_shape[0]):
+        tokens_in, tokens_out = len(student_shape) == 2, len(teacher_shape) == 2
+        s_channels = student_shape[1] if tokens_in else student_shape[0]
+        if tokens_in:
+            _grid(student_shape[0], teacher, "the student's feature")
+        if tokens_out:
+            g = _grid(teacher_shape[0], teacher, "its feature")
+            size, t_channels = (g, g), teacher_shape[1]
+        else:
+            size, t_channels = tuple(teacher_shape[1:]), teacher_shape[0]
+        return GridProjector(s_channels, t_channels, size, tokens_in, tokens_out)
     if len(student_shape) != len(teacher_shape):
         raise DistillError(
             f"teacher {teacher}: its feature has shape {tuple(teacher_shape)} but the student's has "
@@ -59,9 +122,5 @@ def build_projector(student_shape: Sequence[int], teacher_shape: Sequence[int], 
     if len(student_shape) == 3:
         return MapProjector(student_shape[0], teacher_shape[0], tuple(teacher_shape[1:]))
     if len(student_shape) == 2:
-        if student_shape[0] != teacher_shape[0]:
-            raise DistillError(
-                f"teacher {teacher}: {teacher_shape[0]} tokens against the student's {student_shape[0]}; "
-                "token features need the same patch grid (or use distill.features: pre_logits)")
         return TokenProjector(student_shape[1], teacher_shape[1])
     raise DistillError(f"teacher {teacher}: unsupported feature shape {tuple(teacher_shape)}")

@@ -40,6 +40,18 @@ class DataConfig:
     input_size: Optional[int] = None  # override of the dataset's native resolution
     mean: Optional[List[float]] = None  # override of the dataset's normalisation
     std: Optional[List[float]] = None
+    num_classes: Optional[int] = None  # imagefolder: expected class count (dry runs without the data use it; default 1000)
+    # timm training augmentation (augment: timm), passed to timm.data.create_transform
+    auto_augment: Optional[str] = None  # e.g. rand-m9-mstd0.5-inc1 (DeiT's RandAugment)
+    re_prob: float = 0.0  # random-erasing probability
+    color_jitter: Optional[float] = None  # timm default 0.4 when None
+    interpolation: str = "bilinear"  # bilinear | bicubic | random
+    # batch-level mixing (timm.data.Mixup, applied in the training loop; targets become soft (B, C))
+    mixup: float = 0.0  # mixup alpha (0: off)
+    cutmix: float = 0.0  # cutmix alpha (0: off)
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    label_smoothing: float = 0.0  # applied to the (mixed) training targets
 
 
 @dataclass
@@ -309,7 +321,7 @@ def _child(node: Any, key: str, where: str, create: bool) -> Any:
 # ----------------------------------------------------------------------------- entry point
 
 
-def load_recipe(path: Union[str, Path], overrides: Optional[List[str]] = None) -> Recipe:
+def load_recipe(path: Union[str, Path], overrides: Optional[List[str]] = None, check_data: bool = True) -> Recipe:
     """Return the validated :class:`Recipe` of a YAML file after applying ``overrides``."""
     path = Path(path)
     if not path.is_file():
@@ -320,21 +332,25 @@ def load_recipe(path: Union[str, Path], overrides: Optional[List[str]] = None) -
         raise RecipeError("", f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise RecipeError("", f"{path} must hold a mapping at the top level")
-    return recipe_from_dict(raw, overrides)
+    return recipe_from_dict(raw, overrides, check_data)
 
 
-def recipe_from_dict(raw: Dict[str, Any], overrides: Optional[List[str]] = None) -> Recipe:
+def recipe_from_dict(raw: Dict[str, Any], overrides: Optional[List[str]] = None,
+                     check_data: bool = True) -> Recipe:
     """Return the validated :class:`Recipe` of raw data after applying ``overrides``."""
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
     for override in overrides or []:
         apply_override(raw, override)
     recipe = from_dict(Recipe, raw)
-    validate(recipe)
+    validate(recipe, check_data=check_data)
     return recipe
 
 
-def validate(recipe: Recipe) -> None:
-    """Check the values that types cannot: names, ranges, files. Raises RecipeError."""
+def validate(recipe: Recipe, check_data: bool = True) -> None:
+    """Check the values that types cannot: names, ranges, files. Raises RecipeError.
+
+    ``check_data=False`` (dry runs) skips the checks that need the dataset on disk.
+    """
     from . import data, registry  # late: these import torch / timm
     from .policies import POLICIES
     from .taps import parse_feature_tap
@@ -344,13 +360,21 @@ def validate(recipe: Recipe) -> None:
                           f"{', '.join(sorted(data.DATASETS))}{close_matches(recipe.data.dataset, data.DATASETS)}")
     if recipe.data.dataset == "imagefolder" and not recipe.data.root:
         raise RecipeError("data.root", "an imagefolder dataset needs data.root (a folder with train/ and test/)")
-    if recipe.data.root and recipe.data.dataset == "imagefolder" and not Path(recipe.data.root).is_dir():
+    if check_data and recipe.data.root and recipe.data.dataset == "imagefolder" and not Path(recipe.data.root).is_dir():
         raise RecipeError("data.root", f"folder not found: {recipe.data.root}")
     for name in ("batch_size", "num_workers"):
         if getattr(recipe.data, name) < (1 if name == "batch_size" else 0):
             raise RecipeError(f"data.{name}", f"bad value {getattr(recipe.data, name)}")
     if (recipe.data.mean is None) != (recipe.data.std is None):
         raise RecipeError("data.mean", "give both data.mean and data.std, or neither")
+    for name in ("re_prob", "mixup_prob", "mixup_switch_prob", "label_smoothing"):
+        if not 0.0 <= getattr(recipe.data, name) <= 1.0:
+            raise RecipeError(f"data.{name}", f"must lie in [0, 1], got {getattr(recipe.data, name)}")
+    for name in ("mixup", "cutmix"):
+        if getattr(recipe.data, name) < 0:
+            raise RecipeError(f"data.{name}", f"must be >= 0, got {getattr(recipe.data, name)}")
+    if recipe.data.num_classes is not None and recipe.data.num_classes < 1:
+        raise RecipeError("data.num_classes", f"must be >= 1, got {recipe.data.num_classes}")
 
     if not recipe.student.model:
         raise RecipeError("student.model", "a student model is required")
@@ -411,10 +435,15 @@ def validate(recipe: Recipe) -> None:
 
 
 def teacher_configs(recipe: Recipe) -> List[TeacherConfig]:
-    """Return the recipe's teachers: the explicit list followed by the named pool's members."""
+    """Return the recipe's teachers: the explicit list followed by the named pool's members.
+
+    A pool member that the explicit list already names (same model spec) is not added
+    again: the explicit entry configures it (e.g. ``pretrained: false`` + ``train:``).
+    """
     teachers = list(recipe.teachers)
     if recipe.pool is not None:
         from zoo.pools import POOLS
 
-        teachers += [TeacherConfig(model=name) for name in POOLS[recipe.pool].teachers]
+        named = {t.model for t in teachers}
+        teachers += [TeacherConfig(model=name) for name in POOLS[recipe.pool].teachers if name not in named]
     return teachers
