@@ -9,8 +9,12 @@ A checkpoint ``<stem>`` is two files:
 - ``<stem>.json``: everything else (epoch, metrics, scheduler, recipe, teacher sources)
   with tensors replaced by ``{"__tensor__": key}`` references into the safetensors file.
 
-Both files carry the same random ``checkpoint_id``; the JSON is written last, so a
-checkpoint whose ids disagree (a crash between the two renames) is reported as corrupt.
+Both files carry the same random ``checkpoint_id``; the JSON is the commit marker. A save
+writes both files to temporaries (fsync), moves the current ``<stem>.safetensors`` aside to
+``<stem>.prev.safetensors``, renames the new tensors in, then the new JSON. A crash at any
+point leaves either the new pair, or the old JSON with its tensors in ``<stem>.safetensors``
+or ``<stem>.prev.safetensors``: :func:`load_checkpoint` follows the JSON's id to whichever
+holds it (the previous checkpoint, complete). Ids that match neither file are an error.
 """
 
 from __future__ import annotations
@@ -61,8 +65,8 @@ def unflatten_state(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(tmp_path)`` then fsync + rename, so it is never half-written."""
+def _write_temp(path: Path, write) -> str:
+    """Write a synced temporary file beside ``path`` through ``write(tmp_path)``; return its path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -73,6 +77,34 @@ def _atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _test_pause(point: str) -> None:
+    """Tests only: print a marker and sleep at ``point`` when DISTILL_TEST_PAUSE_AT names it."""
+    if os.environ.get("DISTILL_TEST_PAUSE_AT") == point:
+        import sys
+        import time
+
+        print(f"DISTILL_TEST_PAUSED {point}", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get("DISTILL_TEST_PAUSE_S", "30")))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(tmp_path)`` then fsync + rename, so it is never half-written."""
+    tmp = _write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -95,9 +127,48 @@ def save_checkpoint(stem: Union[str, Path], tensors: Dict[str, torch.Tensor], st
     json_state = flatten_state(state, "state", tensors)
     checkpoint_id = uuid.uuid4().hex
     meta = {**metadata, "format": "pt", "distill.checkpoint_id": checkpoint_id}
-    _atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp, metadata=meta))
     text = json.dumps({"checkpoint_id": checkpoint_id, **json_state}, indent=1, sort_keys=True)
-    _atomic_write(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+    st_path, json_path, prev_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json"), _prev(stem)
+    for path in (st_path, json_path):  # temporaries of a save that was killed (one writer per stem)
+        for stale in stem.parent.glob(f".{path.name}.*"):
+            stale.unlink(missing_ok=True)
+    st_tmp = _write_temp(st_path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    try:
+        json_tmp = _write_temp(json_path, lambda tmp: Path(tmp).write_text(text))
+    except BaseException:
+        Path(st_tmp).unlink(missing_ok=True)
+        raise
+    try:
+        if _committed_tensors(json_path, st_path, prev_path) == st_path:
+            os.replace(st_path, prev_path)  # keep the committed tensors until the new JSON lands
+        _test_pause("checkpoint-rename")
+        os.replace(st_tmp, st_path)
+        _test_pause("checkpoint-commit")
+        os.replace(json_tmp, json_path)  # the commit
+    except BaseException:
+        Path(st_tmp).unlink(missing_ok=True)
+        Path(json_tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(stem.parent)
+
+
+def _committed_tensors(json_path: Path, st_path: Path, prev_path: Path):
+    """Return the tensors file (``st_path`` or ``prev_path``) the current JSON commits to, or None."""
+    try:
+        wanted = json.loads(json_path.read_text()).get("checkpoint_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    for path in (st_path, prev_path):
+        try:
+            if path.is_file() and read_metadata(path).get("distill.checkpoint_id") == wanted:
+                return path
+        except DistillError:
+            continue
+    return None
+
+
+def _prev(stem: Path) -> Path:
+    return stem.with_name(stem.name + ".prev.safetensors")
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
@@ -123,17 +194,31 @@ def load_checkpoint(stem: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
     """Return ``(tensors, state)`` of checkpoint ``<stem>``, with state tensors resolved."""
     stem = Path(stem)
     st_path, json_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    for path in (st_path, json_path):
-        if not path.is_file():
-            raise DistillError(f"{path}: checkpoint file not found")
-    tensors = load_tensors(st_path)
+    if not json_path.is_file():
+        raise DistillError(f"{json_path}: checkpoint file not found")
     try:
         raw = json.loads(json_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DistillError(f"{json_path}: corrupt checkpoint state ({exc})") from None
-    if raw.pop("checkpoint_id", None) != read_metadata(st_path).get("distill.checkpoint_id"):
-        raise DistillError(f"{stem}: the .json and .safetensors files belong to different checkpoints")
-    return tensors, unflatten_state(raw, tensors)
+    if not isinstance(raw, dict):
+        raise DistillError(f"{json_path}: corrupt checkpoint state (not a JSON object)")
+    wanted = raw.pop("checkpoint_id", None)
+    candidates = [p for p in (st_path, _prev(stem)) if p.is_file()]
+    if not candidates:
+        raise DistillError(f"{st_path}: checkpoint file not found")
+    for path in candidates:
+        if read_metadata(path).get("distill.checkpoint_id") == wanted:
+            if path != st_path:
+                import sys
+
+                print(f"warning: {stem}: the last save was interrupted before it completed; using the previous "
+                      f"checkpoint ({path.name} + {json_path.name})", file=sys.stderr)
+            tensors = load_tensors(path)
+            try:
+                return tensors, unflatten_state(raw, tensors)
+            except KeyError as exc:
+                raise DistillError(f"{json_path}: corrupt checkpoint state (missing tensor {exc})") from None
+    raise DistillError(f"{stem}: the .json and .safetensors files belong to different checkpoints")
 
 
 def split_prefix(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:

@@ -265,7 +265,11 @@ def _load_weights_file(spec: str, path: Path, in_chans: Optional[int], args: Dic
     """
     if path.suffix not in WEIGHT_SUFFIXES:
         raise DistillError(f"{path}: unsupported weights file type; expected one of {', '.join(WEIGHT_SUFFIXES)}")
-    if path.suffix == ".safetensors" and read_metadata(path).get("distill.arch"):
+    stored_arch = read_metadata(path).get("distill.arch") if path.suffix == ".safetensors" else None
+    if stored_arch:
+        if stored_arch.split(".")[0] != spec.split(".")[0]:
+            raise DistillError(f"{path}: a distill checkpoint of {stored_arch}, not of {spec}; give model: "
+                               f"{stored_arch} (or the checkpoint path alone as the model spec)")
         return load_student_checkpoint(path)
     build_args = dict(args)
     if in_chans is not None:
