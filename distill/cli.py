@@ -12,6 +12,14 @@ import sys
 from typing import Callable, List, Optional
 
 
+def _one_line(message: str) -> str:
+    """Return a DistillError message on one line (one re-raised from a DataLoader worker keeps only its own)."""
+    if "Original Traceback" in message:  # DataLoader worker: the last line is 'module.Type: message'
+        last = [line for line in message.strip().splitlines() if line.strip()][-1]
+        message = last.split(": ", 1)[1] if "Error: " in last else last
+    return " ".join(message.split("\n"))
+
+
 def _guarded(main: Callable[[List[str]], int]) -> Callable[[Optional[List[str]]], int]:
     def run(argv: Optional[List[str]] = None) -> int:
         from .errors import DistillError
@@ -19,7 +27,7 @@ def _guarded(main: Callable[[List[str]], int]) -> Callable[[Optional[List[str]]]
         try:
             return main(sys.argv[1:] if argv is None else argv)
         except DistillError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_one_line(str(exc))}", file=sys.stderr)
             return exc.exit_code
 
     def entry(argv: Optional[List[str]] = None) -> int:
@@ -56,9 +64,17 @@ def _train(argv: List[str]) -> int:
         print(dry_run(load_recipe(args.recipe, overrides, check_data=False), offline=args.offline).table())
         return 0
     recipe = load_recipe(args.recipe, overrides)
-    report = RecipeRunner(recipe, resume=args.resume).run()
-    print(report.table())
-    print(f"run directory: {recipe.run_dir}")
+    from . import distributed
+
+    distributed.init_from_env(recipe.run.device)  # under torchrun: DDP (gloo on CPU, nccl on CUDA)
+    main = distributed.is_main()
+    try:
+        report = RecipeRunner(recipe, resume=args.resume).run()
+    finally:
+        distributed.shutdown()
+    if main:
+        print(report.table())
+        print(f"run directory: {recipe.run_dir}")
     return 0
 
 

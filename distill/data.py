@@ -348,6 +348,9 @@ def _build_images(cfg: Any, info: DatasetInfo) -> DataBundle:
                                f"put {layouts} there, or set data.download=true")
 
     classes = list(train.classes)
+    if info.num_classes is None and getattr(cfg, "num_classes", None) and len(classes) != cfg.num_classes:
+        raise DistillError(f"data.num_classes: the recipe expects {cfg.num_classes} classes but {_where(train)} "
+                           f"holds {len(classes)} class folders")
     if info.num_classes is not None and len(classes) != info.num_classes:
         raise DistillError(f"data.root: {info.label} has {info.num_classes} classes but {_where(train)} holds "
                            f"{len(classes)} class folders")
@@ -381,12 +384,24 @@ def _image_folder(folder: Path, transform: Callable):
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(folder), transform=transform)
+        return ImageFolder(str(folder), transform=transform, loader=load_image)
     except FileNotFoundError as exc:
         empty = _empty_class_folders(folder)
         if empty:
             raise DistillError(f"data.root: no image files in class folder(s) {', '.join(map(str, empty))}") from None
         raise DistillError(f"data.root: cannot read image folder {folder}: {exc}") from None
+
+
+def load_image(path: str):
+    """Return the RGB PIL image at ``path``; an unreadable or truncated file is a DistillError naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")  # decodes the whole file: truncation shows here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DistillError(f"{path}: unreadable image ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
 def _empty_class_folders(folder: Path) -> List[Path]:

@@ -8,8 +8,11 @@ import contextlib
 import csv
 import json
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import Tensor
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import STUDENT_PREFIX, load_checkpoint, prefixed, save_checkpoint, split_prefix
 from .distiller import Distiller
 from .errors import DistillError
@@ -96,6 +100,10 @@ def evaluate(forward: Callable[[Tensor], Tensor], loader, device: torch.device,
         correct5 += hits.any(1).sum()
         loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
         count += y.shape[0]
+    if distributed.is_distributed():  # sharded evaluation: sum every rank's shard
+        total = torch.stack([correct1, correct5, loss_sum.double(), torch.tensor(float(count), device=device)])
+        distributed.all_reduce_sum([total])
+        correct1, correct5, loss_sum, count = total[0], total[1], total[2], int(total[3].item())
     if count == 0:
         raise DistillError("evaluation set is empty")
     return {"top1": 100.0 * correct1.item() / count, "top5": 100.0 * correct5.item() / count,
@@ -139,6 +147,22 @@ class _EpochMeter:
             self.w_sum += w.sum(1)
             self.w_sq += w.pow(2).sum(1)
         self.count += b
+
+    def reduced(self) -> "_EpochMeter":
+        """Return a copy whose sums cover every rank (itself when not distributed)."""
+        if not distributed.is_distributed():
+            return self
+        out = _EpochMeter.__new__(_EpochMeter)
+        keys = list(self.sums)
+        flat = torch.cat([torch.stack([self.sums[k] for k in keys]), self.w_sum.flatten(), self.w_sq.flatten(),
+                          torch.tensor([float(self.count)], dtype=torch.float64, device=self.w_sum.device)])
+        distributed.all_reduce_sum([flat])
+        out.sums = {k: flat[i] for i, k in enumerate(keys)}
+        n, size = len(keys), self.w_sum.numel()
+        out.w_sum = flat[n:n + size].view_as(self.w_sum)
+        out.w_sq = flat[n + size:n + 2 * size].view_as(self.w_sq)
+        out.count = int(flat[-1].item())
+        return out
 
     def read(self) -> Dict[str, float]:
         n = max(self.count, 1)
@@ -219,14 +243,39 @@ class Trainer:
         self.device = resolve_device(run.device)
         self.dtype = autocast_dtype(run.precision, self.device)
         distiller.to(self.device)
+        self.ddp = self._wrap_ddp() if distributed.is_distributed() else None
         self.optimizer = build_optimizer(distiller.trainable, optim)
         self.scheduler = build_scheduler(self.optimizer, schedule, len(train_loader))
         self.history: List[Dict[str, float]] = []
         self.best_top1, self.best_epoch, self.start_epoch = -1.0, -1, 0
 
+    def _wrap_ddp(self):
+        """Return ``distiller.trainable`` (student + projectors) wrapped in DDP; teachers stay unwrapped.
+
+        With ``run.sync_bn`` the trainable BatchNorms become SyncBatchNorm first (CUDA only:
+        torch's SyncBatchNorm has no CPU kernel).
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainable = self.distiller.trainable
+        if getattr(self.run, "sync_bn", False):
+            if self.device.type != "cuda":
+                raise DistillError("run.sync_bn: SyncBatchNorm needs CUDA devices; it is not available on CPU")
+            converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(trainable)
+            assert converted is trainable  # the root is not a BatchNorm: children replaced in place
+        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else None
+        return DistributedDataParallel(trainable, device_ids=ids)
+
     # -- checkpoints ----------------------------------------------------------
 
     def _save(self, name: str, epoch: int) -> None:
+        """Write checkpoint ``name`` (rank 0 only; every rank waits until it is on disk)."""
+        if distributed.is_main():
+            self._write_checkpoint(name, epoch)
+        distributed.barrier()
+
+    def _write_checkpoint(self, name: str, epoch: int) -> None:
         d = self.distiller
         tensors = {**prefixed(d.student.state_dict(), STUDENT_PREFIX),
                    **prefixed(d.trainable.projectors.state_dict(), "projectors.")}
@@ -261,6 +310,8 @@ class Trainer:
         self.start_epoch = state["epoch"] + 1
 
     def _write_summary(self) -> None:
+        if not distributed.is_main():
+            return
         path = self.run_dir / "summary.csv"
         fields: List[str] = []
         for row in self.history:
@@ -279,30 +330,41 @@ class Trainer:
             self._resume()
         set_deterministic(self.run.deterministic)
         started = time.perf_counter()
-        for epoch in range(self.start_epoch, self.schedule.epochs):
-            row = self._train_epoch(epoch)
-            self.distiller.trainable.eval()
-            val = evaluate(self._student_logits, self.val_loader, self.device, self.dtype)
-            row.update({f"val_{k}": v for k, v in val.items()})
-            self.history.append(row)
-            is_best = val["top1"] > self.best_top1
-            if is_best:
-                self.best_top1, self.best_epoch = val["top1"], epoch
-            self._save("last", epoch)
-            if is_best:
-                self._save("best", epoch)
-            self._write_summary()
-            print(f"[{self.label}] epoch {epoch + 1}/{self.schedule.epochs}  loss {row['train_loss']:.4f}  "
-                  f"train top1 {row['train_top1']:.2f}  val top1 {val['top1']:.2f}  top5 {val['top5']:.2f}  "
-                  f"{row['images_per_sec']:.0f} img/s", flush=True)
+        with _StopOnSignal() as self._stop:
+            for epoch in range(self.start_epoch, self.schedule.epochs):
+                self._fit_epoch(epoch)
         last = self.history[-1] if self.history else {}
         return TrainResult(last.get("val_top1", float("nan")), last.get("val_top5", float("nan")),
                            self.best_top1, self.best_epoch, len(self.history), time.perf_counter() - started)
 
+    def _fit_epoch(self, epoch: int) -> None:
+        """Train, evaluate and checkpoint one epoch; on SIGINT / SIGTERM stop cleanly."""
+        row = self._train_epoch(epoch)
+        if row is None:  # a signal stopped the epoch after a finished step
+            raise self._stop.interrupted(self.label, epoch, resumes_at=epoch)
+        self.distiller.trainable.eval()
+        val = evaluate(self._student_logits, self.val_loader, self.device, self.dtype)
+        row.update({f"val_{k}": v for k, v in val.items()})
+        self.history.append(row)
+        is_best = val["top1"] > self.best_top1
+        if is_best:
+            self.best_top1, self.best_epoch = val["top1"], epoch
+        self._save("last", epoch)
+        if is_best:
+            self._save("best", epoch)
+        self._write_summary()
+        if distributed.is_main():
+            print(f"[{self.label}] epoch {epoch + 1}/{self.schedule.epochs}  loss {row['train_loss']:.4f}  "
+                  f"train top1 {row['train_top1']:.2f}  val top1 {val['top1']:.2f}  top5 {val['top5']:.2f}  "
+                  f"{row['images_per_sec']:.0f} img/s", flush=True)
+        if self._stop.requested(sync=True) and epoch + 1 < self.schedule.epochs:
+            raise self._stop.interrupted(self.label, epoch, resumes_at=epoch + 1)
+
     def _student_logits(self, x: Tensor) -> Tensor:
         return self.distiller.student(x)
 
-    def _train_epoch(self, epoch: int) -> Dict[str, float]:
+    def _train_epoch(self, epoch: int) -> Optional[Dict[str, float]]:
+        """Return the epoch's summary row, or None when a signal stopped it after a finished step."""
         d = self.distiller
         seed_everything(epoch_seed(self.seed, epoch))
         if hasattr(self.train_loader.sampler, "set_epoch"):
@@ -321,32 +383,104 @@ class Trainer:
             if self.batch_transform is not None:
                 x, y = mix_batch(self.batch_transform, x, y)
             with autocast(self.device, self.dtype):
-                out = d(x, y)
+                out = d(x, y, trainable=self.ddp)
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             self.optimizer.step()
             if d.policy is not None and out.signals is not None:
                 d.policy.observe(out.signals, out.weights, out.teachers, out.student, y)
             meter.update(out, y)
-            if (step + 1) % self.run.log_interval == 0:
+            logged = (step + 1) % self.run.log_interval == 0
+            if logged:
                 values = self._check_finite(meter, epoch, step)
                 seen = meter.count / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['top1']:.1f}", img_s=f"{seen:.0f}")
+            if _TEST_STEP_DELAY:  # tests only: slow steps down so a signal lands mid-epoch
+                print(f"DISTILL_TEST_STEP {epoch} {step}", file=sys.stderr, flush=True)
+                time.sleep(_TEST_STEP_DELAY)
+            # single process: stop after any finished step; DDP: agree at log steps (one tiny all_reduce)
+            if step + 1 < len(self.train_loader) and self._stop.requested(sync=logged) and \
+                    (logged or not distributed.is_distributed()):
+                return None
         elapsed = time.perf_counter() - started
         values = self._check_finite(meter, epoch, len(self.train_loader) - 1)
+        total = meter.reduced()
         row: Dict[str, float] = {"epoch": epoch + 1, "lr": lr}
         row.update({f"train_{k}": v for k, v in values.items()})
-        row.update({"epoch_time": elapsed, "images_per_sec": meter.count / max(elapsed, 1e-9)})
+        row.update({"epoch_time": elapsed, "images_per_sec": total.count / max(elapsed, 1e-9)})
         if len(d.pool):
-            row.update(meter.weight_stats(d.pool.names))
+            row.update(total.weight_stats(d.pool.names))
         if d.policy is not None:
             row.update({f"policy/{k}": v for k, v in d.policy.end_epoch(epoch).items()})
         return row
 
     def _check_finite(self, meter: _EpochMeter, epoch: int, step: int) -> Dict[str, float]:
-        values = meter.read()
+        values = meter.reduced().read()
         if not math.isfinite(values["loss"]):
             parts = ", ".join(f"{k}={values[k]:.4g}" for k in ("ce", "kd", "feat"))
             raise DistillError(f"[{self.label}] non-finite loss by epoch {epoch + 1} step {step + 1} "
                                f"(running means: {parts}); stopping without overwriting the last checkpoint")
         return values
+
+
+_TEST_STEP_DELAY = float(os.environ.get("DISTILL_TEST_STEP_DELAY", "0") or 0)  # seconds per step; tests only
+
+
+class TrainingInterrupted(DistillError):
+    """SIGINT / SIGTERM stopped training after a finished step; exit code 128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class _StopOnSignal:
+    """Turns SIGINT / SIGTERM into a request to stop after the current step (main thread only).
+
+    Nothing is written on the signal: the ``last`` checkpoint of the previous epoch boundary
+    stays the resume point (an epoch is cheap to redo relative to the bookkeeping a
+    mid-epoch checkpoint needs), and a checkpoint being written when the signal arrives is
+    finished first. A second signal of the same kind gets the default behaviour.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signum:  # asked twice: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+
+    def requested(self, sync: bool = False) -> bool:
+        """Return True when a signal asked to stop (with ``sync`` under DDP: on any rank)."""
+        if sync and distributed.is_distributed():
+            flag = torch.tensor([float(self.signum)], dtype=torch.float64)
+            if torch.distributed.get_backend() == "nccl":
+                flag = flag.cuda()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.signum = self.signum or int(flag.item())
+        return self.signum != 0
+
+    def interrupted(self, label: str, epoch: int, resumes_at: int) -> TrainingInterrupted:
+        name = signal.Signals(self.signum).name if self.signum else "a signal"
+        where = (f"the last checkpoint (end of epoch {resumes_at}) is intact" if resumes_at > 0
+                 else "no checkpoint was written yet")
+        return TrainingInterrupted(f"[{label}] stopped by {name} in epoch {epoch + 1}; {where}; run again with "
+                                   f"--resume to continue from the start of epoch {resumes_at + 1}",
+                                   self.signum or signal.SIGINT)

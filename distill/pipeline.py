@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .data import DataBundle, build_data, build_loader, build_mixup
+from . import distributed
 from .distiller import Distiller
 from .engine import Trainer, TrainResult, evaluate, resolve_device, seed_everything
 from .errors import DistillError
@@ -54,14 +55,15 @@ def _safe(name: str) -> str:
 
 
 def _loaders(recipe: Recipe, bundle: DataBundle):
-    data = recipe.data
-    train = build_loader(bundle.train, data.batch_size, True, data.num_workers, recipe.seed)
-    val = build_loader(bundle.val, data.eval_batch_size or 2 * data.batch_size, False, data.num_workers, recipe.seed)
+    data = recipe.data  # batch sizes are global: each of N processes loads batch / N
+    batch = distributed.local_batch_size(data.batch_size)
+    eval_batch = distributed.local_batch_size(data.eval_batch_size or 2 * data.batch_size)
+    # under torchrun: batch-aligned training shards and sharded evaluation (distill.distributed)
+    train = build_loader(bundle.train, batch, True, data.num_workers, recipe.seed,
+                         sampler=distributed.train_sampler(len(bundle.train), data.batch_size, recipe.seed))
+    val = build_loader(bundle.val, eval_batch, False, data.num_workers, recipe.seed,
+                       sampler=distributed.eval_sampler(len(bundle.val)))
     return train, val
-
-
-def _data_spec(bundle: DataBundle) -> DataSpec:
-    return DataSpec(tuple(bundle.input_size), tuple(bundle.mean), tuple(bundle.std))
 
 
 def teacher_input_size(cfg: TeacherConfig, resolved_data: Optional[DataSpec], data: DataSpec) -> Optional[int]:
@@ -186,7 +188,8 @@ class RecipeRunner:
         """Run every phase of the recipe and return the :class:`RunReport` (also results.json)."""
         recipe = self.recipe
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        if distributed.is_main():  # under torchrun only rank 0 writes files
+            (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
         report = RunReport(recipe.data.dataset, len(self.bundle.val), class_names=list(self.bundle.class_names))
 
         teachers = [self.prepare_teacher(i, cfg) for i, cfg in enumerate(teacher_configs(recipe))]
@@ -221,7 +224,10 @@ class RecipeRunner:
                                        recipe.seed, "baseline", {"student": recipe.student.model}, self.resume,
                                        build_mixup(recipe.data, self.bundle.num_classes))
             report.baseline = {"name": recipe.student.model, **asdict(result)}
-        (self.run_dir / "results.json").write_text(json.dumps(asdict(report), indent=1))
+        if distributed.is_main():
+            (self.run_dir / "results.json").write_text(json.dumps(asdict(report), indent=1))
+        else:  # plotting and pushing are rank 0's
+            return report
         if recipe.run.plot:
             from .plot import plot_run
 

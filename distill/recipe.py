@@ -147,6 +147,7 @@ class RunConfig:
     baseline: bool = False  # also train the student alone on the same schedule, for comparison
     progress: bool = True
     plot: bool = False  # draw teacher weights and val top-1 per epoch to <run_dir>/weights.png at the end
+    sync_bn: bool = False  # under torchrun (CUDA): SyncBatchNorm in the student (default: per-rank BN statistics)
 
 
 @dataclass

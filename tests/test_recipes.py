@@ -184,3 +184,55 @@ def test_docs_document_every_recipe_field():
     for cls in dataclasses_in_schema():
         assert f"({cls.__name__})" in text
     assert render().count("| `") >= sum(len(dataclasses.fields(c)) for c in dataclasses_in_schema())
+
+
+# ----------------------------------------------------------------------------- end to end with DeiT-style keys
+
+
+def _image_tree(root: Path, classes=("a", "b"), per_class=4, size=40):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+
+
+def test_imagefolder_num_classes_is_checked(tmp_path):
+    from distill.data import build_data
+    from distill.errors import DistillError
+
+    _image_tree(tmp_path)
+    with pytest.raises(DistillError, match="data.num_classes"):
+        build_data(DataConfig(dataset="imagefolder", root=str(tmp_path), num_classes=3))
+
+
+@pytest.mark.parametrize("policy", ["camkd", "mtkd_rl"])
+def test_train_with_randaugment_erasing_mixup(tmp_path, policy):
+    """A real (tiny) run through RecipeRunner with DeiT's data keys: soft targets in the training loop."""
+    import yaml
+
+    from distill.pipeline import RecipeRunner
+    from distill.recipe import recipe_from_dict
+
+    _image_tree(tmp_path / "data")
+    raw = yaml.safe_load(f"""
+name: tiny
+output_dir: {tmp_path / 'run'}
+data: {{dataset: imagefolder, root: {tmp_path / 'data'}, num_classes: 2, input_size: 32, batch_size: 4,
+        num_workers: 0, augment: timm, auto_augment: rand-m9-mstd0.5-inc1, re_prob: 0.25, mixup: 0.8,
+        cutmix: 1.0, label_smoothing: 0.1}}
+student: {{model: cifar_resnet8}}
+teachers:
+  - {{model: cifar_resnet8, pretrained: false, train: {{epochs: 1, lr: 0.01}}}}
+  - {{model: cifar_resnet14, pretrained: false, train: {{epochs: 1, lr: 0.01}}}}
+distill: {{features: last_map, policy: {policy}}}
+optim: {{name: adamw, lr: 1.0e-3, weight_decay: 0.05}}
+schedule: {{name: cosine, epochs: 2, warmup_epochs: 1}}
+run: {{progress: false}}
+""")
+    report = RecipeRunner(recipe_from_dict(raw)).run()
+    assert report.student["epochs"] == 2
