@@ -35,6 +35,20 @@ model (with `--offline`, weights missing from the local cache become random init
 pretrained config kept), runs one step on a synthetic batch and prints teachers, student,
 projectors, policy, optimiser, schedule, steps and the measured memory per step.
 
+Teachers in one pool may differ from the data and from each other in resolution and
+normalisation (a 384-px teacher beside 224-px ones, a CNN teacher for a ViT student). Each
+teacher sees the batch re-normalised from the data's mean/std to its own (`teachers[i].mean`
+/ `std`, else its weights' data config, else the data's) and resized to its own size
+(`teachers[i].input_size`, else its weights' data config when that differs from the data's
+size; teachers trained here or built at random see the data's size). With
+`distill.features: last_map`, CNN maps `(B, C, H, W)` and ViT tokens `(B, N, D)` are
+bridged by grid projectors: tokens laid out on their square patch grid, resampled to the
+target's grid, 1x1 conv (then BN + ReLU for a map target; none for a token target).
+
+With `data.mixup` / `data.cutmix` / `data.label_smoothing` the training targets are soft
+`(B, C)` (timm `Mixup`, applied per batch in the training loop; teachers see the mixed
+images); the student CE, the teachers' CE (a policy signal) and the policies use them.
+
 This file is generated from `distill/recipe.py` by `python -m distill.recipe_docs`
 (`tests/test_recipes.py` checks that every field is documented here).
 """
