@@ -87,7 +87,7 @@ def test_sigkill_mid_epoch_and_mid_checkpoint_then_resume_equals_uninterrupted(t
     recipe.write_text(yaml.safe_dump(_raw(run)))
 
     # 1. SIGKILL in the middle of epoch 2 (4 steps; the step delay makes an epoch last ~2 s)
-    proc = _start(recipe, DISTILL_TEST_STEP_DELAY="0.5")
+    proc = _start(recipe, DISTILL_TEST_STEP_DELAY="0.3")
     _wait_for(lambda: _epoch_of(run) == 0, proc)
     time.sleep(0.6)
     proc.send_signal(signal.SIGKILL)
@@ -112,7 +112,7 @@ def test_sigkill_mid_epoch_and_mid_checkpoint_then_resume_equals_uninterrupted(t
     assert load_checkpoint(run / "last")[1]["epoch"] == 0
 
     # 4. resume, SIGTERM mid-epoch: finishes the step, writes nothing, exits 143 with one line
-    proc = _start(recipe, "--resume", DISTILL_TEST_STEP_DELAY="0.5")
+    proc = _start(recipe, "--resume", DISTILL_TEST_STEP_DELAY="0.3")
     _wait_for(lambda: _paused_or_training(proc), proc)
     time.sleep(0.6)
     proc.send_signal(signal.SIGTERM)

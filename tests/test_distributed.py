@@ -5,7 +5,7 @@ BatchNorm the per-rank batch statistics question does not arise (torch's SyncBat
 no CPU kernel), so a 2-process run with global batch 32 (16 per rank) must follow the
 single-process run with batch 32 up to float summation order: DDP averages the two ranks'
 mean gradients in a different order than one backward over 32 samples. After one teacher
-epoch and one distillation epoch (4 + 4 SGD steps) the weights agree to ~1e-6; the test
+epoch and one distillation epoch (4 + 4 SGD steps) the weights agree to about 4e-7; the test
 allows 1e-4 absolute.
 """
 
@@ -132,6 +132,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     single = load_file(str(out / "single.safetensors"))
     assert single.keys() == ranks[0].keys()
     worst = max((single[k].double() - ranks[0][k].double()).abs().max().item() for k in single)
+    print(f"largest |2-process - 1-process| weight difference: {worst:.3g}")
     assert worst < TOLERANCE, f"largest difference to the single-process run: {worst:.3g}"
 
     run = tmp_path / "ddp"  # rank 0 wrote the run files
