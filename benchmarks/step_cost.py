@@ -59,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -73,6 +74,7 @@ import timm  # noqa: E402
 import zoo  # noqa: E402,F401  (registers the zoo models)
 from zoo.pools import get_pool  # noqa: E402
 from distill.distiller import Distiller  # noqa: E402
+from distill.errors import DistillError  # noqa: E402
 from distill.policies import build_policy  # noqa: E402
 from distill.registry import DataSpec  # noqa: E402
 from distill.taps import parse_feature_tap  # noqa: E402
@@ -112,15 +114,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classes", type=int)
     p.add_argument("--size", type=int)
     p.add_argument("--batch", type=int)
-    p.add_argument("--steps", type=int, default=25, help="measured rounds (median reported)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="measured rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least sensitive to other load)")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                    help="subset of: " + ", ".join([*BOUNDS, *POLICY_VARIANTS]))
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory processes")
-    p.add_argument("--memory-steps", type=int, default=5, help="measured steps in each memory process")
+    p.add_argument("--memory-steps", type=int, default=3, help="measured steps in each memory process")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also print the CPU ms of signals / policy / observe / meter per step, models excluded")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one variant, print its peak memory
     args = p.parse_args(argv)
     setting = args.setting or ("table1" if args.device.startswith("cuda") else "cpu-small")
@@ -259,21 +263,66 @@ def saved_bytes(step: Step, x, y) -> int:
     return sum(seen.values())
 
 
-def agent_update_ms(step: Step, device: torch.device) -> Tuple[float, float]:
-    """Return (epoch-end agent update ms per recorded batch, buffer host bytes per recorded batch)."""
+def agent_update_ms(step: Step, device: torch.device) -> Tuple[float, float, float]:
+    """Return (epoch-end agent update wall ms and CPU ms per recorded batch, buffer host bytes per recorded batch)."""
+    nan = float("nan")
     if step.distiller is None:
-        return float("nan"), float("nan")
+        return nan, nan, nan
     p = step.distiller.policy
     p = getattr(p, "inner", None) or p
     if not hasattr(p, "episodes") or not p.episodes:
-        return float("nan"), float("nan")
+        return nan, nan, nan
     n = len(p.episodes)
     nbytes = sum(t.numel() * t.element_size() for e in p.episodes for t in e.values() if isinstance(t, torch.Tensor))
     sync(device)
-    start = time.perf_counter()
-    step.distiller.policy.end_epoch(1)
+    start, cpu = time.perf_counter(), time.process_time()
+    try:
+        step.distiller.policy.end_epoch(1)
+    except DistillError:  # the paper objective diverges when replaying one batch; the time is what counts
+        pass
     sync(device)
-    return 1000 * (time.perf_counter() - start) / n, nbytes / n
+    return 1000 * (time.perf_counter() - start) / n, 1000 * (time.process_time() - cpu) / n, nbytes / n
+
+
+def breakdown(steps: Dict[str, Step], x, y, reps: int = 50) -> None:
+    """Print the CPU ms per step of the toolkit's own work outside the models' forward passes."""
+    from distill.policies import Weights
+    from distill.signals import compute_signals
+
+    print("\ntoolkit work per step outside the models (CPU ms, mean of "
+          f"{reps}; forward only: the loss head's backward is in the step times):\n")
+    print("| variant | signals + weights + loss | policy.observe | meter.update |")
+    print("|---|---|---|---|")
+    for name, step in steps.items():
+        d = step.distiller
+        if d is None:
+            continue
+        teachers, student = d.pool(x), d.trainable(x)
+
+        def head():
+            signals = compute_signals(student, teachers, y, d.temperature, d.logit_loss)
+            w = d.policy.weights(signals, teachers, student, y)
+            w = Weights(w.logit.detach(), w.feat.detach())
+            lt = d.policy.logit_term(w, signals, teachers, student, d.temperature)
+            ft = d.policy.feature_term(w, signals)
+            per_sample = signals.student_ce + d.alpha * lt + d.beta * ft
+            parts = {"ce": signals.student_ce.detach().mean(), "kd": lt.detach().mean(), "feat": ft.detach().mean()}
+            return signals, w, per_sample, parts
+
+        def cpu_ms(fn) -> float:
+            fn()
+            start = time.process_time()
+            for _ in range(reps):
+                fn()
+            return 1000 * (time.process_time() - start) / reps
+
+        t_head = cpu_ms(head)
+        signals, w, per_sample, parts = head()
+        t_obs = cpu_ms(lambda: d.policy.observe(signals, w, teachers, student, y))
+        out = types.SimpleNamespace(per_sample=per_sample, loss=per_sample.mean(), parts=parts,
+                                    logits=student.logits, weights=w)
+        t_meter = cpu_ms(lambda: step.meter.update(out, y)) if step.meter is not None else float("nan")
+        print(f"| {name} | {t_head:.2f} | {t_obs:.2f} | {t_meter:.2f} |")
 
 
 def _proc_status_mib(key: str) -> float:
@@ -342,55 +391,71 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     steps, x, y = build(args, names)
-    times: Dict[str, List[float]] = {v: [] for v in names}
+    wall: Dict[str, List[float]] = {v: [] for v in names}
+    cpu: Dict[str, List[float]] = {v: [] for v in names}
     for r in range(args.warmup + args.steps):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps[name].run(x, y)
             sync(device)
             if r >= args.warmup:
-                times[name].append(1000 * (time.perf_counter() - t0))
+                wall[name].append(1000 * (time.perf_counter() - t0))
+                cpu[name].append(1000 * (time.process_time() - c0))
     saved = {v: saved_bytes(steps[v], x, y) / 2**20 for v in names}
     updates = {v: agent_update_ms(steps[v], device) for v in names}
+    load_mid = os.getloadavg()[0]
     peak = {v: probe_memory(args, v) for v in names} if not args.no_memory else {}
     load_after = os.getloadavg()[0]
 
-    med = {v: statistics.median(times[v]) for v in names}
-    amort = {v: med[v] + (updates[v][0] if updates[v][0] == updates[v][0] else 0.0) for v in names}
+    def stats(series):
+        med = {v: statistics.median(series[v]) for v in names}
+        quart = {v: statistics.quantiles(series[v], n=4) for v in names}
+        return med, quart
+
+    mw, qw = stats(wall)
+    mc, qc = stats(cpu)
+    nan = float("nan")
+    add = lambda a, b: a + (b if b == b else 0.0)  # noqa: E731
+    amort_w = {v: add(mw[v], updates[v][0]) for v in names}
+    amort_c = {v: add(mc[v], updates[v][1]) for v in names}
     print(f"machine: {machine(device)}; device {device}, {torch.get_num_threads()} torch thread(s); torch "
-          f"{torch.__version__}, timm {timm.__version__}; load average {load_before:.2f} before, {load_after:.2f} "
-          f"after; {time.perf_counter() - started:.0f} s")
+          f"{torch.__version__}, timm {timm.__version__}; load average (1 min) {load_before:.2f} before, "
+          f"{load_mid:.2f} after the timed rounds, {load_after:.2f} at the end; {time.perf_counter() - started:.0f} s")
     print(f"setting {args.setting}: student {args.student}; teachers {', '.join(args.teachers)}; C={args.classes}, "
           f"batch {args.batch}, {args.size}x{args.size}, pre_logits features; median of {args.steps} interleaved "
-          f"steps after {args.warmup} warm-up\n")
-    head = ["variant", "step ms: median [p25, p75]", "× bound", "× bound+kd", "agent update ms/step",
-            "amortised ms", "amortised × bound", "saved MiB", "× bound saved"]
+          f"steps after {args.warmup} warm-up; wall = perf_counter, CPU = process CPU time\n")
+    head = ["variant", "wall ms [p25, p75]", "× bound", "CPU ms [p25, p75]", "× bound", "× bound+kd",
+            "agent update CPU ms/step", "amortised × bound (wall / CPU)", "saved MiB", "× bound"]
     if peak:
-        head += ["peak MiB", "× bound peak"]
+        head += ["peak MiB", "× bound"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     rows = {}
     for v in names:
-        q1, _, q3 = statistics.quantiles(times[v], n=4)
-        upd, nbytes = updates[v]
-        row = [v, f"{med[v]:.1f} [{q1:.1f}, {q3:.1f}]", f"{med[v] / med['bound']:.3f}",
-               f"{med[v] / med['bound+kd']:.3f}" if "bound+kd" in med else "–",
-               "–" if upd != upd else f"{upd:.2f}", f"{amort[v]:.1f}", f"{amort[v] / med['bound']:.3f}",
+        upd_w, upd_c, nbytes = updates[v]
+        row = [v, f"{mw[v]:.1f} [{qw[v][0]:.1f}, {qw[v][2]:.1f}]", f"{mw[v] / mw['bound']:.3f}",
+               f"{mc[v]:.1f} [{qc[v][0]:.1f}, {qc[v][2]:.1f}]", f"{mc[v] / mc['bound']:.3f}",
+               f"{mc[v] / mc['bound+kd']:.3f}" if "bound+kd" in mc else "–",
+               "–" if upd_c != upd_c else f"{upd_c:.2f}",
+               f"{amort_w[v] / mw['bound']:.3f} / {amort_c[v] / mc['bound']:.3f}",
                f"{saved[v]:.2f}", f"{saved[v] / saved['bound']:.3f}"]
         if peak:
             row += [f"{peak[v]:.1f}", f"{peak[v] / peak['bound']:.3f}"]
         print("| " + " | ".join(row) + " |")
-        rows[v] = {"median_ms": med[v], "p25_ms": q1, "p75_ms": q3, "agent_update_ms_per_step": upd,
-                   "amortised_ms": amort[v], "saved_mib": saved[v], "peak_mib": peak.get(v),
-                   "buffer_bytes_per_step": nbytes, "times_ms": times[v]}
+        rows[v] = {"wall_median_ms": mw[v], "cpu_median_ms": mc[v], "agent_update_wall_ms_per_step": upd_w,
+                   "agent_update_cpu_ms_per_step": upd_c, "saved_mib": saved[v], "peak_mib": peak.get(v, nan),
+                   "buffer_bytes_per_step": nbytes, "wall_ms": wall[v], "cpu_ms": cpu[v]}
     print()
     for v in [n for n in names if n.startswith("mtkd_rl")]:
         pk = f", peak {peak[v] / peak['aver']:.3f}×" if peak else ""
-        print(f"{v} / aver: time {med[v] / med['aver']:.3f}× (amortised with the agent update "
-              f"{amort[v] / med['aver']:.3f}×), saved memory {saved[v] / saved['aver']:.3f}×{pk}; episode buffer "
-              f"{updates[v][1] / 1024:.1f} KiB per recorded step (host, freed at the epoch-end update)")
+        print(f"{v} / aver: time {mw[v] / mw['aver']:.3f}× wall, {mc[v] / mc['aver']:.3f}× CPU (amortised with the "
+              f"agent update {amort_w[v] / mw['aver']:.3f}× / {amort_c[v] / mc['aver']:.3f}×); saved memory "
+              f"{saved[v] / saved['aver']:.3f}×{pk}; episode buffer {updates[v][2] / 1024:.1f} KiB per recorded "
+              "step (host, freed at the epoch-end update)")
+    if args.breakdown:
+        breakdown(steps, x, y)
     if args.json:
         Path(args.json).write_text(json.dumps({"setting": args.setting, "args": vars(args), "torch": torch.__version__,
                                                "machine": machine(device), "rows": rows}, indent=1))
