@@ -85,7 +85,7 @@ def test_pool_member_named_explicitly_is_not_added_twice():
 def test_dry_run_every_recipe(recipe, capsys):
     """Every recipe builds and takes one step offline; only the batch is shrunk."""
     started = time.perf_counter()
-    code = cli.train_main([recipe, "--dry-run", "--offline", "data.batch_size=2", "data.num_workers=0"])
+    code = cli.train_main([recipe, "--dry-run", "--offline", "data.batch_size=2"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "memory per step" in out and "steps" in out and "policy" in out
