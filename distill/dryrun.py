@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from . import distributed
 from .data import DATASETS, build_mixup
 from .distiller import Distiller
 from .engine import build_optimizer, build_scheduler, mix_batch, resolve_device, seed_everything
@@ -155,16 +156,6 @@ def _resolve(cfg, where: str, num_classes: int, in_chans: int, offline: bool, da
     return resolved, note
 
 
-def per_process_batch(global_batch: int) -> int:
-    """Return ``global_batch / world_size`` (the recipe's batch size and LR are global)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if global_batch % world:
-        raise DistillError(f"data.batch_size: the global batch {global_batch} does not divide into {world} processes")
-    return global_batch // world
-
-
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -180,7 +171,7 @@ def dry_run(recipe: Recipe, offline: bool = False) -> DryRunReport:
     data, num_classes = data_spec(recipe)
     device = resolve_device(recipe.run.device)
     tap = parse_feature_tap(recipe.distill.features)
-    batch = per_process_batch(recipe.data.batch_size)
+    batch = distributed.local_batch_size(recipe.data.batch_size)  # the recipe's batch is global
     seed_everything(recipe.seed)
     report.add("recipe", recipe.name)
     report.add("data", f"{recipe.data.dataset}: {num_classes} classes, input {tuple(data.input_size)}, "
