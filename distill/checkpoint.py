@@ -101,21 +101,6 @@ def _test_pause(point: str) -> None:
         time.sleep(float(os.environ.get("DISTILL_TEST_PAUSE_S", "30")))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(tmp_path)`` then fsync + rename, so it is never half-written."""
-    tmp = _write_temp(path, write)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(stem: Union[str, Path], tensors: Dict[str, torch.Tensor], state: Dict[str, Any],
                     metadata: Dict[str, str]) -> None:
     """Write ``<stem>.safetensors`` (``tensors`` + ``metadata``) and ``<stem>.json`` (``state``).
