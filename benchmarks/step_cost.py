@@ -40,7 +40,7 @@ until the epoch-end update empties it (``buffer KiB/step``).
 Settings: ``--setting table1`` is the CIFAR-100 Table 1 setting (student
 ``cifar_shufflenetv2``, pool ``cifar100_cnn4`` randomly initialised, batch 64, 32 px);
 ``--setting cpu-small`` is ``cifar_resnet8`` with three small zoo teachers. The default is
-``table1`` on CUDA and ``cpu-small`` on CPU (one Table 1 step takes ~17 s on 2 loaded CPU cores, so
+``table1`` on CUDA and ``cpu-small`` on CPU (one Table 1 step takes 3-17 s on 2 CPU cores depending on load, so
 20+ interleaved rounds of 6 variants do not fit in minutes).
 
     python benchmarks/step_cost.py                                  # CPU: cpu-small, < 5 min
