@@ -114,20 +114,20 @@ class RecipeRunner:
 
     # -- teachers ---------------------------------------------------------------
 
-    def _resolve(self, cfg, where: str) -> ResolvedModel:
-        """Return a model with the dataset's class count (fine-tuning heads are reset)."""
+    def _resolve(self, cfg, where: str, fit_head: bool) -> ResolvedModel:
+        """Return the resolved model of ``cfg``; with ``fit_head`` a pretrained head of another
+        class count is reset to the dataset's (the model is about to be trained)."""
         resolved = resolve_model(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights,
                                  num_classes=self.bundle.num_classes, in_chans=self.bundle.input_size[0],
                                  model_args=cfg.model_args, where=where)
+        if fit_head and resolved.model.num_classes != self.bundle.num_classes:
+            resolved.model.reset_classifier(self.bundle.num_classes)
         return resolved
 
     def _train_alone(self, resolved: ResolvedModel, run_dir: Path, optim, schedule, seed: int, label: str,
                      identity: Dict[str, Any], resume: bool, batch_transform=None) -> TrainResult:
         """Train ``resolved.model`` with cross-entropy alone (no teachers) in ``run_dir``."""
-        model = resolved.model
-        if model.num_classes != self.bundle.num_classes:
-            model.reset_classifier(self.bundle.num_classes)
-        distiller = Distiller(model, TeacherPool([]), None, FeatureTap("pre_logits"), self.bundle.input_size)
+        distiller = Distiller(resolved.model, TeacherPool([]), None, FeatureTap("pre_logits"), self.bundle.input_size)
         trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, resolved.arch,
                           resolved.model_args, optim, schedule, self.recipe.run, run_dir, seed,
                           {"identity": identity}, label, batch_transform=batch_transform)
@@ -142,16 +142,17 @@ class RecipeRunner:
             identity = {"model": cfg.model, "pretrained": cfg.pretrained, "weights": cfg.weights,
                         "train": asdict(cfg.train), "data": asdict(self.recipe.data)}
             if not self._finished(tdir, cfg.train.epochs):
-                seed_everything(self.recipe.seed + 1000 * (index + 1))
-                self._train_alone(self._resolve(cfg, f"{where}.model"), tdir, cfg.train.optim_config(),
-                                  cfg.train.schedule_config(), self.recipe.seed + 1000 * (index + 1),
+                seed = self.recipe.seed + 1000 * (index + 1)
+                seed_everything(seed)
+                self._train_alone(self._resolve(cfg, f"{where}.model", fit_head=True), tdir,
+                                  cfg.train.optim_config(), cfg.train.schedule_config(), seed,
                                   f"teacher {name}", identity, resume=True)
             self._check_identity(tdir, identity)
             resolved = load_student_checkpoint(tdir / "last.safetensors")
             resolved.source = {"spec": cfg.model, "trained_in": str(tdir.relative_to(self.run_dir)),
                                "sha256": resolved.source["sha256"]}
         else:
-            resolved = self._resolve(cfg, f"{where}.model")
+            resolved = self._resolve(cfg, f"{where}.model", fit_head=False)
             if resolved.model.num_classes != self.bundle.num_classes:
                 raise DistillError(
                     f"{where} ({cfg.model}): predicts {resolved.model.num_classes} classes but dataset "
@@ -199,9 +200,7 @@ class RecipeRunner:
         pool = TeacherPool(teachers).to(self.device)
 
         seed_everything(recipe.seed)
-        student = self._resolve(recipe.student, "student.model")
-        if student.model.num_classes != self.bundle.num_classes:
-            student.model.reset_classifier(self.bundle.num_classes)
+        student = self._resolve(recipe.student, "student.model", fit_head=True)
         policy = build_policy(recipe.distill.policy, len(pool), recipe.distill.policy_args) if len(pool) else None
         student.model.to(self.device)
         distiller = Distiller(student.model, pool, policy, self.tap, self.bundle.input_size,
@@ -219,7 +218,7 @@ class RecipeRunner:
 
         if recipe.run.baseline:
             seed_everything(recipe.seed)
-            alone = self._resolve(recipe.student, "student.model")
+            alone = self._resolve(recipe.student, "student.model", fit_head=True)
             result = self._train_alone(alone, self.run_dir / "baseline", recipe.optim, recipe.schedule,
                                        recipe.seed, "baseline", {"student": recipe.student.model}, self.resume,
                                        build_mixup(recipe.data, self.bundle.num_classes))
