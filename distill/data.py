@@ -394,12 +394,15 @@ def _image_folder(folder: Path, transform: Callable):
 
 def load_image(path: str):
     """Return the RGB PIL image at ``path``; an unreadable or truncated file is a DistillError naming it."""
+    import io
+
     from PIL import Image
 
     try:
         with open(path, "rb") as handle:
-            image = Image.open(handle)
-            return image.convert("RGB")  # decodes the whole file: truncation shows here
+            data = handle.read()  # one read: PIL parsing a file handle issues dozens of small ones
+        image = Image.open(io.BytesIO(data))
+        return image.convert("RGB")  # decodes the whole file: truncation shows here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DistillError(f"{path}: unreadable image ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 

@@ -76,6 +76,7 @@ class Distiller:
         self.policy = policy
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.logit_loss = logit_loss
+        self.teacher_cache = None  # a distill.teacher_cache.TeacherOutputCache: teachers' outputs by view key
         projectors = self._size_projectors(student, tap, input_shape) if len(pool) else []
         self.trainable = StudentWithProjectors(student, tap, input_shape, projectors)
 
@@ -108,17 +109,23 @@ class Distiller:
             self.policy.to(device)
         return self
 
-    def forward(self, x: Tensor, target: Tensor, trainable: Optional[nn.Module] = None) -> StepOutput:
+    def forward(self, x: Tensor, target: Tensor, trainable: Optional[nn.Module] = None,
+                keys: Optional[Tensor] = None) -> StepOutput:
         """Return the :class:`StepOutput` of batch ``x`` with labels or soft targets ``target``.
 
         ``trainable`` overrides the module that runs the student (a DDP wrapper of
-        :attr:`trainable`).
+        :attr:`trainable`). ``keys`` ``(B,)``: the fixed-view keys of ``x``
+        (:mod:`distill.views`); with :attr:`teacher_cache` set, the teachers' outputs are
+        looked up by them instead of computed.
         """
         # Teachers first: their activations are freed before the student's, which autograd
         # keeps for backward, are allocated, so the two never coexist (the step's peak memory
         # is the larger of the two, not their sum; benchmarks/step_cost.py). Teachers are in
         # eval mode and draw no random numbers, so the order changes no result.
-        teachers = self.pool(x) if len(self.pool) else None
+        teachers = None
+        if len(self.pool):
+            use_cache = self.teacher_cache is not None and keys is not None
+            teachers = self.teacher_cache.lookup(keys) if use_cache else self.pool(x)
         student = (trainable or self.trainable)(x)
         if teachers is None:
             ce = losses.cross_entropy(student.logits, target)

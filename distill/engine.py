@@ -240,6 +240,9 @@ class Trainer:
         self.state_extra = state_extra or {}
         self.label = label
         self.batch_transform = batch_transform  # e.g. timm Mixup: (x, y) -> (x', soft targets (B, C))
+        if distiller.teacher_cache is not None and getattr(batch_transform, "mix_prob", 0.0) > 0:
+            raise DistillError("run.teacher_cache: mixup / cutmix change the images after the teachers' "
+                               "outputs were cached; set data.mixup=0 and data.cutmix=0, or run.teacher_cache=false")
         self.device = resolve_device(run.device)
         self.dtype = autocast_dtype(run.precision, self.device)
         distiller.to(self.device)
@@ -378,12 +381,13 @@ class Trainer:
         started = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"[{self.label}] epoch {epoch + 1}/{self.schedule.epochs}",
                    leave=False, disable=not (self.run.progress and sys.stderr.isatty()), file=sys.stderr)
-        for step, (x, y) in enumerate(bar):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for step, batch in enumerate(bar):  # (x, y), or (x, y, view keys) with data.fixed_views
+            x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+            keys = batch[2].to(self.device, non_blocking=True) if len(batch) > 2 else None
             if self.batch_transform is not None:
                 x, y = mix_batch(self.batch_transform, x, y)
             with autocast(self.device, self.dtype):
-                out = d(x, y, trainable=self.ddp)
+                out = d(x, y, trainable=self.ddp, keys=keys)
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             self.optimizer.step()

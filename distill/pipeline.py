@@ -14,14 +14,16 @@ import yaml
 from .data import DataBundle, build_data, build_loader, build_mixup
 from . import distributed
 from .distiller import Distiller
-from .engine import Trainer, TrainResult, evaluate, resolve_device, seed_everything
+from .engine import Trainer, TrainResult, autocast_dtype, evaluate, resolve_device, seed_everything
 from .errors import DistillError
 from .manifest import content_hash, diff
 from .policies import build_policy
 from .recipe import Recipe, TeacherConfig, teacher_configs, to_dict
 from .registry import DataSpec, ResolvedModel, load_student_checkpoint, resolve_model
 from .taps import FeatureTap, parse_feature_tap
+from .teacher_cache import teacher_output_cache
 from .teachers import InputAdapter, Teacher, TeacherPool
+from .views import materialise_views
 
 
 @dataclass
@@ -107,6 +109,9 @@ class RecipeRunner:
         self.resume = resume
         self.run_dir = recipe.run_dir
         self.bundle = build_data(recipe.data)
+        if recipe.data.fixed_views is not None:  # K fixed augmented views per training image
+            self.bundle.train = materialise_views(self.bundle.train, recipe.data.fixed_views, recipe.seed,
+                                                  recipe.data.num_workers)
         self.data_spec = _data_spec(self.bundle)
         self.train_loader, self.val_loader = _loaders(recipe, self.bundle)
         self.device = resolve_device(recipe.run.device)
@@ -206,6 +211,10 @@ class RecipeRunner:
         distiller = Distiller(student.model, pool, policy, self.tap, self.bundle.input_size,
                               recipe.distill.alpha, recipe.distill.beta, recipe.distill.temperature,
                               recipe.distill.logit_loss)
+        if recipe.run.teacher_cache and len(pool):
+            distiller.teacher_cache = teacher_output_cache(
+                pool, self.bundle.train, self.device, autocast_dtype(recipe.run.precision, self.device),
+                distributed.local_batch_size(recipe.data.eval_batch_size or 2 * recipe.data.batch_size))
         identity = {"student": recipe.student.model, "teachers": [t.source for t in teachers],
                     "policy": recipe.distill.policy}
         trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, student.arch,

@@ -37,6 +37,7 @@ class DataConfig:
     augment: Literal["auto", "none", "cifar", "timm"] = "auto"
     train_subset: Optional[int] = None  # first N training images of a fixed class-balanced shuffle
     val_subset: Optional[int] = None
+    fixed_views: Optional[int] = None  # K: augment each training image K times once, show one view per epoch (distill.views)
     input_size: Optional[int] = None  # override of the dataset's native resolution
     mean: Optional[List[float]] = None  # override of the dataset's normalisation
     std: Optional[List[float]] = None
@@ -147,6 +148,7 @@ class RunConfig:
     baseline: bool = False  # also train the student alone on the same schedule, for comparison
     progress: bool = True
     plot: bool = False  # draw teacher weights and val top-1 per epoch to <run_dir>/weights.png at the end
+    teacher_cache: bool = False  # run the teachers once per fixed view and reuse their outputs (needs data.fixed_views)
     sync_bn: bool = False  # under torchrun (CUDA): SyncBatchNorm in the student (default: per-rank BN statistics)
 
 
@@ -374,6 +376,14 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     for name in ("mixup", "cutmix"):
         if getattr(recipe.data, name) < 0:
             raise RecipeError(f"data.{name}", f"must be >= 0, got {getattr(recipe.data, name)}")
+    if recipe.data.fixed_views is not None and recipe.data.fixed_views < 1:
+        raise RecipeError("data.fixed_views", f"must be >= 1, got {recipe.data.fixed_views}")
+    if recipe.run.teacher_cache and recipe.data.fixed_views is None:
+        raise RecipeError("run.teacher_cache", "caching teacher outputs needs a finite set of inputs: set "
+                          "data.fixed_views (e.g. 4)")
+    if recipe.run.teacher_cache and (recipe.data.mixup > 0 or recipe.data.cutmix > 0):
+        raise RecipeError("run.teacher_cache", "mixup / cutmix mix the images after the teachers' outputs were "
+                          "cached; set data.mixup=0 and data.cutmix=0, or run.teacher_cache=false")
     if recipe.data.num_classes is not None and recipe.data.num_classes < 1:
         raise RecipeError("data.num_classes", f"must be >= 1, got {recipe.data.num_classes}")
 
