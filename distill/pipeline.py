@@ -142,12 +142,12 @@ class RecipeRunner:
         """Return teacher ``index``: loaded as is, or trained / fine-tuned first (cached)."""
         where = f"teachers[{index}]"
         name = f"{index}:{cfg.model}"
+        seed = self.recipe.seed + 1000 * (index + 1)
         if cfg.train is not None:
             tdir = self.run_dir / "teachers" / f"{index}-{_safe(cfg.model)}"
             identity = {"model": cfg.model, "pretrained": cfg.pretrained, "weights": cfg.weights,
                         "train": asdict(cfg.train), "data": asdict(self.recipe.data)}
             if not self._finished(tdir, cfg.train.epochs):
-                seed = self.recipe.seed + 1000 * (index + 1)
                 seed_everything(seed)
                 self._train_alone(self._resolve(cfg, f"{where}.model", fit_head=True), tdir,
                                   cfg.train.optim_config(), cfg.train.schedule_config(), seed,
@@ -157,6 +157,7 @@ class RecipeRunner:
             resolved.source = {"spec": cfg.model, "trained_in": str(tdir.relative_to(self.run_dir)),
                                "sha256": resolved.source["sha256"]}
         else:
+            seed_everything(seed)  # a randomly initialised teacher is the same in every run of the recipe
             resolved = self._resolve(cfg, f"{where}.model", fit_head=False)
             if resolved.model.num_classes != self.bundle.num_classes:
                 raise DistillError(
