@@ -40,8 +40,8 @@ class RunReport:
     def table(self) -> str:
         """Return the report as an aligned text table."""
         rows = [(f"teacher {t['name']}", t["top1"], t["top5"]) for t in self.teachers]
-        rows.append((f"student {self.student['name']} (distilled)", self.student["final_top1"],
-                     self.student["final_top5"]))
+        label = f"student {self.student['name']}" + (" (distilled)" if self.teachers else "")
+        rows.append((label, self.student["final_top1"], self.student["final_top5"]))
         if self.baseline is not None:
             rows.append((f"student {self.baseline['name']} (alone)", self.baseline["final_top1"],
                          self.baseline["final_top5"]))
@@ -223,8 +223,9 @@ class RecipeRunner:
                           recipe.seed, {"identity": identity}, "distill",
                           batch_transform=build_mixup(recipe.data, self.bundle.num_classes))
         result = trainer.fit(resume=self.resume)
-        report.student = {"name": f"{recipe.student.model} + {len(pool)} teachers ({recipe.distill.policy})",
-                          **asdict(result)}
+        name = f"{recipe.student.model} + {len(pool)} teachers ({recipe.distill.policy})" if len(pool) \
+            else f"{recipe.student.model} (no teachers: cross-entropy alone)"
+        report.student = {"name": name, **asdict(result)}
 
         if recipe.run.baseline:
             seed_everything(recipe.seed)
