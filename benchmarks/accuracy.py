@@ -220,7 +220,7 @@ def plot(study: Study, path: Path) -> Optional[Path]:
             ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch],
                             color=line.get_color(), alpha=0.15, linewidth=0)
             drawn = True
-        ax.set_title(f"{name}: val top-1 per epoch (mean over seeds; band: min..max)")
+        ax.set_title(f"{name}: val top-1 (mean over seeds, band: min..max)", fontsize="medium")
         ax.set_xlabel("epoch")
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)

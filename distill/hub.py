@@ -98,6 +98,12 @@ class _Run:
     def identity(self) -> Dict[str, Any]:
         return self.last.get("identity") or {}
 
+    @property
+    def policy(self) -> str:
+        """Return the run's weighting policy name (from its checkpoint, else its recipe)."""
+        return ((self.identity.get("distill") or {}).get("policy")
+                or (self.recipe.get("distill") or {}).get("policy", "?"))
+
     def row(self, epoch: int) -> Dict[str, Any]:
         """Return the summary row of 0-based ``epoch`` (empty if unknown)."""
         return next((r for r in self.last.get("history", []) if r.get("epoch") == epoch + 1), {})
@@ -159,8 +165,7 @@ def model_card(run: _Run, arch: str, num_classes: int, load_spec: str, has_plot:
     recipe, identity, m = run.recipe, run.identity, run.metrics()
     data = recipe.get("data") or {}
     dataset = data.get("dataset", "?")
-    distill = recipe.get("distill") or {}
-    policy = identity.get("policy") or distill.get("policy", "?")
+    policy = run.policy
     teachers = identity.get("teachers") or []
     accuracy = {t.get("name"): t for t in run.results.get("teachers", [])}
     name = load_spec.split(":", 1)[1].split("/")[-1] if load_spec.startswith("hf-hub:") else recipe.get("name", arch)
@@ -313,7 +318,7 @@ def push_run(run_dir: Union[str, Path], repo_id: str, *, private: bool = False, 
         export_run(run_dir, folder, checkpoint, repo_id)
         meta = _Run(Path(run_dir), checkpoint)
         teachers = len(meta.identity.get("teachers") or [])
-        message = f"distill: student distilled from {teachers} teachers ({meta.identity.get('policy', '?')})"
+        message = f"distill: student distilled from {teachers} teachers ({meta.policy})"
         step = "creating the repository"
         try:
             api.create_repo(repo_id, private=True if private else None, exist_ok=True)

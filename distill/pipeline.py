@@ -217,7 +217,7 @@ class RecipeRunner:
                 pool, self.bundle.train, self.device, autocast_dtype(recipe.run.precision, self.device),
                 distributed.local_batch_size(recipe.data.eval_batch_size or 2 * recipe.data.batch_size))
         identity = {"student": recipe.student.model, "teachers": [t.source for t in teachers],
-                    "policy": recipe.distill.policy}
+                    "distill": asdict(recipe.distill)}  # the loss and the policy with its arguments
         trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, student.arch,
                           student.model_args, recipe.optim, recipe.schedule, recipe.run, self.run_dir,
                           recipe.seed, {"identity": identity}, "distill",

@@ -91,6 +91,19 @@ def test_resume_with_another_teacher_pool_is_an_error(tmp_path, capsys):
     assert "cannot resume" in err and "teachers" in err
 
 
+def test_resume_with_other_policy_arguments_is_an_error(tmp_path, capsys):
+    raw = _raw(tmp_path / "run", epochs=1)
+    raw["distill"] = {"policy": "mtkd_rl", "policy_args": {"max_grad_norm": 1.0}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli.train_main([str(path)]) == 0
+    capsys.readouterr()
+    assert cli.train_main([str(path), "--resume", "distill.policy_args.max_grad_norm=5.0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "max_grad_norm" in err and "5.0" in err
+    assert cli.train_main([str(path), "--resume"]) == 0  # the same recipe resumes (nothing left to do)
+
+
 def test_zoo_lists_models_and_pools(capsys):
     assert cli.zoo_main([]) == 0
     out = capsys.readouterr().out
