@@ -165,6 +165,7 @@ def model_card(run: _Run, arch: str, num_classes: int, load_spec: str, has_plot:
     recipe, identity, m = run.recipe, run.identity, run.metrics()
     data = recipe.get("data") or {}
     dataset = data.get("dataset", "?")
+    distill = recipe.get("distill") or {}
     policy = run.policy
     teachers = identity.get("teachers") or []
     accuracy = {t.get("name"): t for t in run.results.get("teachers", [])}

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import timm
-import torch
 from timm.data import resolve_model_data_config
 from torch import nn
 
