@@ -80,24 +80,25 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
     assert len(rows) == 3  # header + 2 epochs, no duplicate row from the resumed epoch
 
 
-def test_resume_with_another_teacher_pool_is_an_error(tmp_path, capsys):
-    raw = _raw(tmp_path / "run", epochs=1)
+def _trained_recipe(tmp_path: Path, capsys, **changes) -> Path:
+    """Return the path of a one-epoch recipe (``_raw`` updated with ``changes``) trained once."""
+    raw = dict(_raw(tmp_path / "run", epochs=1), **changes)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert cli.train_main([str(path)]) == 0
     capsys.readouterr()
+    return path
+
+
+def test_resume_with_another_teacher_pool_is_an_error(tmp_path, capsys):
+    path = _trained_recipe(tmp_path, capsys)
     assert cli.train_main([str(path), "--resume", "teachers.0.model=cifar_resnet8"]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "teachers" in err
 
 
 def test_resume_with_other_policy_arguments_is_an_error(tmp_path, capsys):
-    raw = _raw(tmp_path / "run", epochs=1)
-    raw["distill"] = {"policy": "mtkd_rl", "policy_args": {"max_grad_norm": 1.0}}
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert cli.train_main([str(path)]) == 0
-    capsys.readouterr()
+    path = _trained_recipe(tmp_path, capsys, distill={"policy": "mtkd_rl", "policy_args": {"max_grad_norm": 1.0}})
     assert cli.train_main([str(path), "--resume", "distill.policy_args.max_grad_norm=5.0"]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "max_grad_norm" in err and "5.0" in err
