@@ -286,9 +286,6 @@ def agent_update_ms(step: Step, device: torch.device) -> Tuple[float, float, flo
 
 def breakdown(steps: Dict[str, Step], x, y, reps: int = 50) -> None:
     """Print the CPU ms per step of the toolkit's own work outside the models' forward passes."""
-    from distill.policies import Weights
-    from distill.signals import compute_signals
-
     print("\ntoolkit work per step outside the models (CPU ms, mean of "
           f"{reps}; forward only: the loss head's backward is in the step times):\n")
     print("| variant | signals + weights + loss | policy.observe | meter.update |")
@@ -299,16 +296,6 @@ def breakdown(steps: Dict[str, Step], x, y, reps: int = 50) -> None:
             continue
         teachers, student = d.pool(x), d.trainable(x)
 
-        def head():
-            signals = compute_signals(student, teachers, y, d.temperature, d.logit_loss)
-            w = d.policy.weights(signals, teachers, student, y)
-            w = Weights(w.logit.detach(), w.feat.detach())
-            lt = d.policy.logit_term(w, signals, teachers, student, d.temperature)
-            ft = d.policy.feature_term(w, signals)
-            per_sample = signals.student_ce + d.alpha * lt + d.beta * ft
-            parts = {"ce": signals.student_ce.detach().mean(), "kd": lt.detach().mean(), "feat": ft.detach().mean()}
-            return signals, w, per_sample, parts
-
         def cpu_ms(fn) -> float:
             fn()
             start = time.process_time()
@@ -316,8 +303,8 @@ def breakdown(steps: Dict[str, Step], x, y, reps: int = 50) -> None:
                 fn()
             return 1000 * (time.process_time() - start) / reps
 
-        t_head = cpu_ms(head)
-        signals, w, per_sample, parts = head()
+        t_head = cpu_ms(lambda: d.loss_head(student, teachers, y))
+        signals, w, per_sample, parts = d.loss_head(student, teachers, y)
         t_obs = cpu_ms(lambda: d.policy.observe(signals, w, teachers, student, y))
         out = types.SimpleNamespace(per_sample=per_sample, loss=per_sample.mean(), parts=parts,
                                     logits=student.logits, weights=w)

@@ -16,7 +16,7 @@ optimiser (or DistributedDataParallel) wraps; the pool is never wrapped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -130,6 +130,14 @@ class Distiller:
         if teachers is None:
             ce = losses.cross_entropy(student.logits, target)
             return StepOutput(ce.mean(), ce, student.logits, {"ce": ce.detach().mean()}, None, None, None, student)
+        signals, weights, per_sample, parts = self.loss_head(student, teachers, target)
+        return StepOutput(per_sample.mean(), per_sample, student.logits, parts, weights, signals, teachers, student)
+
+    def loss_head(self, student: StudentOutputs, teachers: TeacherOutputs,
+                  target: Tensor) -> Tuple[Signals, Weights, Tensor, Dict[str, Tensor]]:
+        """Return Equ.(2) on given model outputs: the step's :class:`Signals`, the policy's
+        weights (detached, ``(B, M)`` each), the per-sample loss ``(B,)`` and the detached batch
+        means of its ce / kd / feat parts."""
         signals = compute_signals(student, teachers, target, self.temperature, self.logit_loss)
         weights = self.policy.weights(signals, teachers, student, target)
         weights = Weights(weights.logit.detach(), weights.feat.detach())
@@ -138,6 +146,6 @@ class Distiller:
         per_sample = signals.student_ce + self.alpha * logit_term + self.beta * feat_term
         parts = {"ce": signals.student_ce.detach().mean(), "kd": logit_term.detach().mean(),
                  "feat": feat_term.detach().mean()}
-        return StepOutput(per_sample.mean(), per_sample, student.logits, parts, weights, signals, teachers, student)
+        return signals, weights, per_sample, parts
 
     __call__ = forward
