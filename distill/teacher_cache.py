@@ -88,8 +88,7 @@ class TeacherOutputCache:
         flat = views.flat_views()
         logits: List[Tensor] = []
         features: List[List[Tensor]] = [[] for _ in range(len(pool))]
-        embeddings: List[List[Tensor]] = [[] for _ in range(len(pool))]
-        distinct = [True] * len(pool)
+        embeddings: List[List[Tensor]] = [[] for _ in range(len(pool))]  # stays empty where it is the feature
         for start in range(0, flat.shape[0], batch_size):
             x = flat[start:start + batch_size].to(device)
             with autocast(device, dtype):
@@ -97,10 +96,10 @@ class TeacherOutputCache:
             logits.append(out.logits.float().cpu())
             for m in range(len(pool)):
                 features[m].append(out.features[m].float().cpu())
-                distinct[m] = out.embeddings[m] is not out.features[m]
-                embeddings[m].append(out.embeddings[m].float().cpu())
+                if out.embeddings[m] is not out.features[m]:
+                    embeddings[m].append(out.embeddings[m].float().cpu())
         return cls(torch.cat(logits, 1), [torch.cat(f) for f in features],
-                   [torch.cat(e) if d else None for e, d in zip(embeddings, distinct)])
+                   [torch.cat(e) if e else None for e in embeddings])
 
     def save(self, path: Path) -> None:
         """Write the cache to ``path`` (safetensors; written beside it, then renamed into place)."""
