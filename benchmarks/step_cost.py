@@ -270,10 +270,10 @@ def agent_update_ms(step: Step, device: torch.device) -> Tuple[float, float, flo
         return nan, nan, nan
     p = step.distiller.policy
     p = getattr(p, "inner", None) or p
-    if not hasattr(p, "episodes") or not p.episodes:
+    if not hasattr(p, "buffer") or not p.buffer.entries:
         return nan, nan, nan
-    n = len(p.episodes)
-    nbytes = sum(t.numel() * t.element_size() for e in p.episodes for t in e.values() if isinstance(t, torch.Tensor))
+    n = len(p.buffer.entries)
+    nbytes = sum(t.numel() * t.element_size() for e in p.buffer.entries for t in e.values() if isinstance(t, torch.Tensor))
     sync(device)
     start, cpu = time.perf_counter(), time.process_time()
     try:

@@ -15,6 +15,7 @@ optimiser (or DistributedDataParallel) wraps; the pool is never wrapped.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -27,6 +28,26 @@ from .signals import Signals, StudentOutputs, TeacherOutputs, compute_signals
 from .taps import FeatureTap, TappedModel
 from .teachers import TeacherPool
 from . import losses
+
+
+def build_projectors(student_shape, teacher_shapes, names: List[str], device: torch.device) -> List[nn.Module]:
+    """Return one projector per teacher, initialised as a function of the two feature shapes.
+
+    One number is drawn from the global RNG (so the run's seed still decides), and each
+    projector is built under a private seed derived from it and from its (student, teacher)
+    shapes: teachers whose features have the same shape start from the same projector. Any
+    difference between their feature terms then comes from their targets, never from
+    initialisation noise (a policy that compares teachers through their projectors, such as
+    MTKD-RL's gradient-alignment reward, would otherwise prefer a lucky initialisation).
+    """
+    base = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    projectors = []
+    for shape, name in zip(teacher_shapes, names):
+        key = zlib.crc32(repr((tuple(student_shape), tuple(shape))).encode())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(base ^ key)
+            projectors.append(build_projector(student_shape, shape, name).to(device))
+    return projectors
 
 
 class StudentWithProjectors(nn.Module):
@@ -93,8 +114,7 @@ class Distiller:
             if self.policy is not None:
                 self.policy.setup(t_out, self.alpha, self.beta, self.temperature, self.logit_loss)
         student.train(was_training)
-        return [build_projector(s_feat.shape[1:], f.shape[1:], name).to(param.device)
-                for f, name in zip(t_feats, self.pool.names)]
+        return build_projectors(s_feat.shape[1:], [f.shape[1:] for f in t_feats], self.pool.names, param.device)
 
     @property
     def student(self) -> nn.Module:

@@ -91,7 +91,7 @@ def test_camkd_equ9_by_hand():
 def fixed_agent_policy(**args):
     """A set-up mtkd_rl policy (2 teachers) whose agent outputs g_l = (1/4, 3/4), g_f = (1/2, 1/2)."""
     signals, teachers, student, y = make_step([[0.0], [LN3]], kl=[[LN4], [0.0]], cos=[[0.0], [LN2]])
-    policy = build_policy("mtkd_rl", 2, {"warmup_epochs": 0, **args})
+    policy = build_policy("mtkd_rl", 2, {"variant": "paper", "warmup_epochs": 0, **args})
     policy.setup(teachers)
     with torch.no_grad():
         policy.agent.trunk.weight.zero_()
@@ -121,7 +121,7 @@ def test_mtkd_rl_warmup_weights_and_generator_rows_sum_to_one():
     signals, teachers, student, y = make_step(torch.rand(m, b).tolist(), kl=torch.rand(m, b).tolist(),
                                               cos=torch.rand(m, b).tolist(), logits=torch.randn(m, b, 3).tolist(),
                                               embeddings=embeddings)
-    paper = build_policy("mtkd_rl", m, {})
+    paper = build_policy("mtkd_rl", m, {"variant": "paper"})
     paper.setup(teachers)
     assert torch.equal(paper.weights(signals, teachers, student, y).logit, torch.full((b, m), 1 / 3))
     official = build_policy("mtkd_rl", m, {"variant": "official"})
@@ -190,7 +190,7 @@ def test_pg_step_is_exactly_equ7_on_the_head_bias():
     # dL/db_m = -mean_i sum_k Rbar[i,k] (1[k=m] - g_m) = -mean_i Rbar[i,m] since sum_k Rbar = 0:
     # one SGD step (lr 0.1) moves each head's bias by +0.1 * (0.5, -0.5)
     signals, teachers, student, y = two_teacher_episode()
-    policy = build_policy("mtkd_rl", 2, {})
+    policy = build_policy("mtkd_rl", 2, {"variant": "paper"})
     policy.setup(teachers)
     before = [policy.agent.head_logit.bias.clone(), policy.agent.head_feat.bias.clone()]
     policy.begin_epoch(0)
@@ -214,7 +214,7 @@ def test_pg_form_prob_max_grad_norm_and_divergence_guard():
     # pg_form prob: L = -mean_i sum_m Rbar g; at g = (1/2, 1/2), Rbar = (1/2, -1/2):
     # dL/db_m = -mean_i g_m (Rbar_m - sum_k Rbar_k g_k) = (-1/4, 1/4) -> the bias moves by (+0.025, -0.025)
     step = two_teacher_episode()
-    policy = build_policy("mtkd_rl", 2, {"pg_form": "prob"})
+    policy = build_policy("mtkd_rl", 2, {"variant": "paper", "pg_form": "prob"})
     policy.setup(step[1])
     with torch.no_grad():
         policy.agent.trunk.weight.zero_()
@@ -222,14 +222,14 @@ def test_pg_form_prob_max_grad_norm_and_divergence_guard():
     one_update(policy, step)
     assert torch.allclose(policy.agent.head_logit.bias, torch.tensor([0.025, -0.025]), atol=1e-6)
     # max_grad_norm: the whole update (all agent parameters) moves by lr * clip at most
-    policy = build_policy("mtkd_rl", 2, {"max_grad_norm": 0.01})
+    policy = build_policy("mtkd_rl", 2, {"variant": "paper", "max_grad_norm": 0.01})
     policy.setup(step[1])
     before = torch.cat([p.detach().flatten().clone() for p in policy.agent.parameters()])
     one_update(policy, step)
     after = torch.cat([p.detach().flatten() for p in policy.agent.parameters()])
     assert (after - before).norm().item() == pytest.approx(0.1 * 0.01, rel=1e-3)
     # a diverged agent is a clear error, not NaN weights for the student
-    policy = build_policy("mtkd_rl", 2, {"lr": 1e38})
+    policy = build_policy("mtkd_rl", 2, {"variant": "paper", "lr": 1e38})
     policy.setup(step[1])
     with pytest.raises(DistillError, match="max_grad_norm"):
         for _ in range(5):
@@ -271,46 +271,46 @@ def test_paper_variant_moves_toward_higher_reward_teacher_official_toward_unifor
 
 def test_update_every_and_reservoir_buffer_stay_bounded():
     step = two_teacher_episode(batch=2)
-    policy = build_policy("mtkd_rl", 2, {"buffer": 3, "seed": 5})
+    policy = build_policy("mtkd_rl", 2, {"variant": "paper", "buffer": 3, "seed": 5})
     policy.setup(step[1])
     policy.begin_epoch(0)
     for _ in range(50):
         policy.observe(step[0], policy.weights(*step), *step[1:])
-        assert len(policy.episodes) <= 3
-    kept = [e["step"] for e in policy.episodes]
+        assert len(policy.buffer.entries) <= 3
+    kept = [e["step"] for e in policy.buffer.entries]
     assert len(kept) == 3 and len(set(kept)) == 3 and max(kept) >= 3  # later batches replace early ones
-    assert policy.episodes[0]["state"].dtype == torch.bfloat16
-    assert policy.episodes[0]["state"].device.type == "cpu"
+    assert policy.buffer.entries[0]["state"].dtype == torch.bfloat16
+    assert policy.buffer.entries[0]["state"].device.type == "cpu"
     metrics = policy.end_epoch(0)
-    assert metrics["agent_updates"] == 3 and metrics["episodes"] == 50 and policy.episodes == []
+    assert metrics["agent_updates"] == 3 and metrics["episodes"] == 50 and policy.buffer.entries == []
     # update_every: K recorded batches -> an update and an empty buffer mid-epoch
-    policy = build_policy("mtkd_rl", 2, {"buffer": 2, "update_every": 4})
+    policy = build_policy("mtkd_rl", 2, {"variant": "paper", "buffer": 2, "update_every": 4})
     policy.setup(step[1])
     policy.begin_epoch(0)
     for i in range(10):
         policy.observe(step[0], policy.weights(*step), *step[1:])
-        assert len(policy.episodes) == min((i + 1) % 4, 2)
+        assert len(policy.buffer.entries) == min((i + 1) % 4, 2)
     assert policy.end_epoch(0)["agent_updates"] == 2 + 2 + 2
 
 
 def test_reservoir_sampling_is_uniform():
     step = two_teacher_episode(batch=1)
-    policy = build_policy("mtkd_rl", 2, {"buffer": 5, "seed": 0})
+    policy = build_policy("mtkd_rl", 2, {"variant": "paper", "buffer": 5, "seed": 0})
     policy.setup(step[1])
     counts = torch.zeros(20)
     trials = 1500
     for _ in range(trials):
-        policy.episodes, policy.seen = [], 0
+        policy.buffer.clear()
         for i in range(20):
-            policy._record({"step": i})
-        for e in policy.episodes:
+            policy.buffer.record({"step": i})
+        for e in policy.buffer.entries:
             counts[e["step"]] += 1
     assert torch.allclose(counts / trials, torch.full((20,), 0.25), atol=0.05)
 
 
 def test_state_dict_round_trip_restores_agent_buffer_optimizer_and_rng(tmp_path):
     step = two_teacher_episode(batch=3)
-    args = {"buffer": 4, "momentum": 0.9, "state_norm": "running", "learnable_gammas": True}
+    args = {"variant": "paper", "buffer": 4, "momentum": 0.9, "state_norm": "running", "learnable_gammas": True}
     policy = build_policy("mtkd_rl", 2, args)
     policy.setup(step[1])
     run_epochs(policy, step, epochs=2, steps_per_epoch=3)
@@ -322,10 +322,10 @@ def test_state_dict_round_trip_restores_agent_buffer_optimizer_and_rng(tmp_path)
     restored = build_policy("mtkd_rl", 2, args)  # no setup: the agent is rebuilt from the checkpoint
     restored.load_state_dict(state["policy"])
     assert torch.equal(restored.weights(*step).logit, policy.weights(*step).logit)
-    assert [e["step"] for e in restored.episodes] == [e["step"] for e in policy.episodes]
-    for a, b in zip(restored.episodes, policy.episodes):
+    assert [e["step"] for e in restored.buffer.entries] == [e["step"] for e in policy.buffer.entries]
+    for a, b in zip(restored.buffer.entries, policy.buffer.entries):
         assert all(torch.equal(a[k], b[k]) for k in ("state", "conf", "div_logit", "div_feat", "reward"))
-    assert torch.equal(restored.rng.get_state(), policy.rng.get_state())
+    assert torch.equal(restored.buffer.rng.get_state(), policy.buffer.rng.get_state())
     assert torch.equal(restored.agent.stat_sum, policy.agent.stat_sum)
     mom = [policy.optimizer.state[p]["momentum_buffer"] for p in policy.agent.parameters()]
     mom_r = [restored.optimizer.state[p]["momentum_buffer"] for p in restored.agent.parameters()]
@@ -342,10 +342,13 @@ def test_state_dict_round_trip_restores_agent_buffer_optimizer_and_rng(tmp_path)
 
 def test_mtkd_rl_args_are_checked():
     for bad in ({"variant": "authors"}, {"gammas": [0.5, 0.5, 0.5]}, {"buffer": 0}, {"lr": 0},
-                {"state_norm": "batch"}, {"update_every": 0}, {"hiden": 64}):
+                {"state_norm": "batch"}, {"update_every": 0}, {"hiden": 64}, {"learnable_gammas": True},
+                {"pg_form": "prob"}, {"variant": "paper", "tau": 0.1}, {"variant": "official", "kl_limit": 0.1},
+                {"floor": 1.5}, {"divergence": "gated"}, {"divergence": "max"}, {"warmup_weight": 0}):
         with pytest.raises(ValueError):
             POLICIES["mtkd_rl"].check_args(bad)
     POLICIES["mtkd_rl"].check_args({"gammas": {"logit": [0.2, 0.4, 0.4]}, "update_every": None})
+    POLICIES["mtkd_rl"].check_args({"gammas": [0.4, 0.3, 0.3], "divergence": "gated", "floor": 0.0})
 
 
 # ----------------------------------------------------------------------------- mixture
@@ -391,12 +394,12 @@ def test_mixture_policy_logit_term_static_and_over():
     assert torch.allclose(w.logit[0], torch.tensor([0.75, 0.25]), atol=1e-6)  # camkd, Equ. 9
     assert torch.allclose(over.logit_term(w, signals, teachers, student, 4.0),
                           losses.mixture_kd_loss(student.logits, logits, w.logit, 4.0))
-    rl = build_policy("mixture", 2, {"over": "mtkd_rl", "over_args": {"buffer": 8}})
+    rl = build_policy("mixture", 2, {"over": "mtkd_rl", "over_args": {"variant": "paper", "buffer": 8}})
     rl.setup(teachers)
-    assert rl.inner.capacity == 8 and any(k.startswith("inner.agent.") for k in rl.state_dict())
+    assert rl.inner.buffer.capacity == 8 and any(k.startswith("inner.agent.") for k in rl.state_dict())
     rl.begin_epoch(0)
     rl.observe(signals, rl.weights(signals, teachers, student, y), teachers, student, y)
-    assert len(rl.inner.episodes) == 1 and rl.end_epoch(0)["agent_updates"] == 1
+    assert len(rl.inner.buffer.entries) == 1 and rl.end_epoch(0)["agent_updates"] == 1
     for bad in ({"weights": [1, -1]}, {"over": "mixture"}, {"over": "nope"}, {"over_args": {"buffer": 2}},
                 {"over": "mtkd_rl", "over_args": {"buffer": 0}}):
         with pytest.raises(ValueError):

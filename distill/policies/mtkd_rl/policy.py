@@ -1,0 +1,452 @@
+"""The ``mtkd_rl`` policy: state, action, episode recording, agent updates, metrics, checkpoint.
+
+See the package docstring (:mod:`distill.policies.mtkd_rl`) for every equation and choice.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ...errors import DistillError
+from ...signals import Signals, StudentOutputs, TeacherOutputs
+from ..base import Weights, WeightingPolicy, register_policy
+from ..camkd import confidence_weights
+from .action import DIVERGENCES, divergence_weights, floored, fuse, gated_divergence, parse_gammas
+from .agent import MTKDAgent, build_state, distributed
+from .buffer import EpisodeBuffer, to_host
+from . import rewards as R
+
+VARIANTS = ("align", "paper", "official")
+PG_FORMS = ("log", "prob")
+STATE_NORMS = ("none", "running")
+BUFFER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# arguments whose default depends on the variant (None in the signature means "the variant's")
+VARIANT_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "align": {"lr": 0.01, "momentum": 0.9, "max_grad_norm": 1.0, "state_norm": "running",
+              "gammas": [2 / 3, 1 / 3, 0.0]},
+    "paper": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3},
+    "official": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3},
+}
+ALIGN_ONLY = ("floor", "tau", "kl_limit")
+NOT_ALIGN = ("learnable_gammas",)
+_BOUND_TOL = 1e-4
+_EXTRA_VERSION = 2
+
+
+def _mean(total: Any, count: int) -> Any:
+    return total / count if count else math.nan
+
+
+@register_policy
+class MTKDRLPolicy(WeightingPolicy):
+    """MTKD-RL: fused generator / confidence / divergence weights from an RL agent.
+
+    See the package docstring for every equation and every choice made.
+    """
+
+    name = "mtkd_rl"
+
+    def __init__(self, num_teachers: int, variant: str = "align", hidden: int = 128, gammas: Any = None,
+                 divergence: Optional[str] = None, learnable_gammas: bool = False, lr: Optional[float] = None,
+                 momentum: Optional[float] = None, weight_decay: float = 0.0, max_grad_norm: Optional[float] = None,
+                 warmup_epochs: int = 1, warmup_weight: Optional[float] = None, buffer: int = 1024,
+                 update_every: Optional[int] = None, buffer_dtype: str = "bfloat16",
+                 state_norm: Optional[str] = None, seed: int = 0, pg_form: str = "log",
+                 floor: Optional[float] = None, tau: Optional[float] = None, kl_limit: Optional[float] = None):
+        super().__init__(num_teachers)
+        given = dict(variant=variant, hidden=hidden, gammas=gammas, divergence=divergence,
+                     learnable_gammas=learnable_gammas, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                     max_grad_norm=max_grad_norm, warmup_epochs=warmup_epochs, warmup_weight=warmup_weight,
+                     buffer=buffer, update_every=update_every, buffer_dtype=buffer_dtype, state_norm=state_norm,
+                     seed=seed, pg_form=pg_form, floor=floor, tau=tau, kl_limit=kl_limit)
+        type(self).check_args({k: v for k, v in given.items() if v is not None})
+        defaults = VARIANT_DEFAULTS[variant]
+        self.variant, self.hidden, self.seed = variant, hidden, seed
+        self.gamma_rows = parse_gammas(gammas, defaults["gammas"])
+        self.divergence = divergence or "equ12"
+        self.learnable_gammas = learnable_gammas
+        self.lr = float(defaults["lr"] if lr is None else lr)
+        self.momentum = float(defaults["momentum"] if momentum is None else momentum)
+        self.weight_decay = float(weight_decay)
+        self.max_grad_norm = float(defaults["max_grad_norm"] if max_grad_norm is None else max_grad_norm)
+        self.state_norm = defaults["state_norm"] if state_norm is None else state_norm
+        self.warmup_epochs = warmup_epochs
+        self.warmup_weight = float(warmup_weight if warmup_weight is not None
+                                   else 1.0 if variant == "official" else 1.0 / num_teachers)
+        self.update_every, self.buffer_dtype = update_every, BUFFER_DTYPES[buffer_dtype]
+        self.pg_form = pg_form
+        self.floor = 0.1 if floor is None else float(floor)
+        self.tau = 0.2 if tau is None else float(tau)
+        self.kl_limit = 0.05 if kl_limit is None else float(kl_limit)
+        self.alpha, self.beta, self.temperature, self.logit_loss = 1.0, 5.0, 4.0, "kd"
+        self.agent: Optional[MTKDAgent] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.dims: Optional[Dict[str, Any]] = None  # {"embed": [d_m], "classes": C}
+        self.buffer = EpisodeBuffer(buffer, seed)
+        self.epoch = 0
+        self._step_cache: Optional[Tuple[Any, ...]] = None  # (weakref to Signals, per-step tensors)
+        self._reset_metrics()
+
+    # -- arguments ------------------------------------------------------------
+
+    @classmethod
+    def check_args(cls, args: Dict[str, Any]) -> None:
+        """Raise ValueError for an unknown key, a bad value or a key the variant does not use."""
+        super().check_args(args)
+        args = {k: v for k, v in args.items() if v is not None}
+
+        def integer(key: str, low: int) -> None:
+            v = args.get(key, low)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"policy 'mtkd_rl': {key} must be an integer >= {low}, got {v!r}")
+
+        def number(key: str, low: float, high: float = math.inf, open_low: bool = False) -> None:
+            if key not in args:
+                return
+            v = args[key]
+            bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not (low <= v <= high) \
+                or (open_low and v == low)
+            if bad:
+                rng = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+                raise ValueError(f"policy 'mtkd_rl': {key} must be a number {rng}, got {v!r}")
+
+        choice_args = (("variant", VARIANTS), ("state_norm", STATE_NORMS), ("buffer_dtype", tuple(BUFFER_DTYPES)),
+                       ("pg_form", PG_FORMS), ("divergence", DIVERGENCES))
+        for key, choices in choice_args:
+            if key in args and args[key] not in choices:
+                raise ValueError(f"policy 'mtkd_rl': {key} must be one of {', '.join(choices)}, got {args[key]!r}")
+        variant = args.get("variant", "align")
+        for key in ("hidden", "buffer", "update_every"):
+            integer(key, 1)
+        for key in ("warmup_epochs", "seed"):
+            integer(key, 0)
+        for key in ("lr", "warmup_weight", "tau", "kl_limit"):
+            number(key, 0.0, open_low=True)
+        for key in ("momentum", "weight_decay", "max_grad_norm"):
+            number(key, 0.0)
+        number("floor", 0.0, 1.0)
+        if variant == "align":
+            wrong = [k for k in NOT_ALIGN if args.get(k)] + (["pg_form"] if args.get("pg_form", "log") != "log" else [])
+        else:
+            wrong = [k for k in ALIGN_ONLY if k in args]
+            if variant == "official" and args.get("pg_form", "log") != "log":
+                wrong.append("pg_form")
+        if wrong:
+            raise ValueError(f"policy 'mtkd_rl': {', '.join(wrong)} does not apply to variant {variant}")
+        if not isinstance(args.get("learnable_gammas", False), bool):
+            raise ValueError("policy 'mtkd_rl': learnable_gammas must be true or false, "
+                             f"got {args['learnable_gammas']!r}")
+        rows = parse_gammas(args.get("gammas"), VARIANT_DEFAULTS[variant]["gammas"])
+        if args.get("learnable_gammas") and any(v <= 0 for row in rows for v in row):
+            raise ValueError("policy 'mtkd_rl': learnable_gammas needs every initial gamma > 0")
+        if "divergence" in args and all(row[2] == 0 for row in rows) and not args.get("learnable_gammas"):
+            raise ValueError(f"policy 'mtkd_rl': divergence {args['divergence']!r} has no effect: the divergence "
+                             "gamma is 0 at both levels (give gammas with a divergence share)")
+
+    # -- building ---------------------------------------------------------------
+
+    def setup(self, teachers: TeacherOutputs, alpha: float = 1.0, beta: float = 5.0,
+              temperature: float = 4.0, logit_loss: str = "kd") -> None:
+        """Record the loss settings and build the agent for the pool's shapes (idempotent)."""
+        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+        self.logit_loss = logit_loss
+        if teachers.num_teachers != self.num_teachers:
+            raise ValueError(f"policy 'mtkd_rl' was built for {self.num_teachers} teachers, the pool has "
+                             f"{teachers.num_teachers}")
+        dims = {"embed": [int(e.flatten(1).shape[1]) for e in teachers.embeddings],
+                "classes": int(teachers.logits.shape[-1])}
+        self._build(dims, teachers.logits.device)
+
+    def _build(self, dims: Dict[str, Any], device: torch.device) -> None:
+        dims = {"embed": [int(d) for d in dims["embed"]], "classes": int(dims["classes"])}
+        if self.agent is not None:
+            if dims != self.dims:
+                raise ValueError(f"policy 'mtkd_rl': the agent was built for teacher shapes {self.dims}, "
+                                 f"got {dims} (a different teacher pool)")
+            return
+        in_dim = sum(d + dims["classes"] + 3 for d in dims["embed"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            agent = MTKDAgent(in_dim, self.num_teachers, self.hidden, self.gamma_rows, self.learnable_gammas,
+                              self.state_norm == "running")
+        if self.variant == "align":  # start at the uniform policy: no preference before any reward
+            for head in (agent.head_logit, agent.head_feat):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+        self.agent = agent.to(device)
+        self.dims = dims
+        self.optimizer = torch.optim.SGD(self.agent.parameters(), lr=self.lr, momentum=self.momentum,
+                                         weight_decay=self.weight_decay)
+
+    def _ensure_agent(self, teachers: TeacherOutputs) -> MTKDAgent:
+        if self.agent is None:
+            self.setup(teachers, self.alpha, self.beta, self.temperature, self.logit_loss)
+        return self.agent
+
+    # -- one step -------------------------------------------------------------------
+
+    def warming_up(self) -> bool:
+        """Return True during the pre-training epochs (fixed weights, agent not used)."""
+        return self.epoch < self.warmup_epochs
+
+    def _step_tensors(self, signals: Signals, teachers: TeacherOutputs, student: StudentOutputs) -> Dict[str, Tensor]:
+        """Return this step's state, confidence / divergence weights and (align) rewards, once per step."""
+        with torch.autocast(signals.student_ce.device.type, enabled=False):
+            out: Dict[str, Tensor] = {}
+            if self.variant == "align":  # needs the step's graph: before backward
+                out["reward"] = torch.stack(R.alignment_rewards(signals, student))  # (2, B, M)
+            with torch.no_grad():
+                out["state"] = build_state(signals, teachers)
+                out["conf"] = confidence_weights(signals.teacher_ce)
+                if self.learnable_gammas or self.gamma_rows[0][2] > 0:
+                    out["div_logit"] = self._divergence(divergence_weights(signals.kl), out["conf"])
+                if self.learnable_gammas or self.gamma_rows[1][2] > 0:
+                    out["div_feat"] = self._divergence(divergence_weights(signals.cos), out["conf"])
+        return out
+
+    def _divergence(self, d: Tensor, conf: Tensor) -> Tensor:
+        return gated_divergence(d, conf) if self.divergence == "gated" else d
+
+    def _fused(self, gammas: Tensor, generator: Tensor, step: Dict[str, Tensor], level: str) -> Tensor:
+        div = step.get(f"div_{level}")
+        return fuse(gammas, generator, step["conf"], div if div is not None else torch.zeros_like(generator))
+
+    def _generator(self, log_pi: Tensor) -> Tensor:
+        """Return the executed generator weight from the head's log-policy ``(B, M)``."""
+        return floored(log_pi.exp(), self.floor) if self.variant == "align" else log_pi.exp()
+
+    def weights(self, signals: Signals, teachers: TeacherOutputs, student: StudentOutputs,
+                target: Tensor) -> Weights:
+        """Return ``w_l, w_f`` ``(B, M)``: the warm-up weight while warming up, else Equ.(13)-(14)."""
+        batch, device = signals.student_ce.shape[0], signals.student_ce.device
+        step = self._step_tensors(signals, teachers, student)
+        self._step_cache = (weakref.ref(signals), step)  # observe() of the same step reuses it
+        if self.warming_up():
+            w = torch.full((batch, self.num_teachers), self.warmup_weight, device=device)
+            return Weights(w, w)
+        agent = self._ensure_agent(teachers)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            log_pl, log_pf = agent(step["state"])
+            g_l, g_f = self._generator(log_pl), self._generator(log_pf)
+            gam = agent.gammas()
+            w_l, w_f = self._fused(gam[0], g_l, step, "logit"), self._fused(gam[1], g_f, step, "feat")
+            self._add("gen", torch.stack([g_l.sum(0), g_f.sum(0)]).double(), batch)
+        return Weights(w_l, w_f)
+
+    def observe(self, signals: Signals, weights: Weights, teachers: TeacherOutputs, student: StudentOutputs,
+                target: Tensor) -> None:
+        """Record this step's (state, confidence / divergence weights, reward) episode."""
+        agent = self._ensure_agent(teachers)
+        cache, self._step_cache = self._step_cache, None
+        if cache is not None and cache[0]() is signals:
+            step = cache[1]
+        elif self.variant == "align":
+            raise ValueError("policy 'mtkd_rl' (variant align): observe() needs the weights() call of the same "
+                             "step (the reward is computed there, on the step's graph)")
+        else:
+            step = self._step_tensors(signals, teachers, student)
+        with torch.no_grad(), torch.autocast(signals.student_ce.device.type, enabled=False):
+            if agent.running_norm:
+                agent.accumulate(step["state"])
+            if self.variant == "paper":
+                raw = reward = R.paper_rewards(signals, self.alpha, self.beta)
+            elif self.variant == "official":
+                raw, reward = R.official_rewards(signals, weights, self.alpha, self.beta)
+            else:
+                raw = reward = step["reward"]
+                self._add("reward_teacher", raw.double().sum(1), raw.shape[1])  # (2, M) per level and teacher
+            self._add("reward", raw.double().sum(), raw.numel())
+            self._metrics["episodes"][0] += 1
+            slot = self.buffer.reserve()
+            if slot is not None:  # copied to the host only when the reservoir keeps it
+                entry = {"step": self.buffer.step - 1, "state": to_host(step["state"], self.buffer_dtype),
+                         "reward": to_host(reward)}
+                entry.update({k: to_host(step[k]) for k in ("conf", "div_logit", "div_feat") if k in step})
+                self.buffer.store(slot, entry)
+        if self.update_every is not None and self.buffer.seen >= self.update_every:
+            self._update()
+
+    # -- agent update --------------------------------------------------------------
+
+    def _log_weights(self, entry: Dict[str, Tensor], device: torch.device) -> Tuple[Tensor, Tensor]:
+        """Return the log of the weights the paper / official objectives act on, ``(B, M)`` each."""
+        log_gl, log_gf = self.agent(entry["state"].to(device, torch.float32))
+        if self.variant == "paper" and not self.agent.learnable_gammas:
+            return log_gl, log_gf
+        gam = self.agent.gammas()
+        step = {k: v.to(device, torch.float32) for k, v in entry.items() if k in ("conf", "div_logit", "div_feat")}
+        return (self._fused(gam[0], log_gl.exp(), step, "logit").clamp_min(1e-12).log(),
+                self._fused(gam[1], log_gf.exp(), step, "feat").clamp_min(1e-12).log())
+
+    def agent_loss(self, entry: Dict[str, Any]) -> Tensor:
+        """Return the agent loss of one recorded batch (scalar, with graph to the agent); for
+        ``align`` the sum of both levels' :func:`~.rewards.align_loss`, checked against its bound."""
+        return self._agent_loss(entry)[0]
+
+    def _agent_loss(self, entry: Dict[str, Any], pi_old: Optional[Tuple[Tensor, Tensor]] = None
+                    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Return (loss, KL(pi_old || pi_new) averaged over samples, max over levels, or None)."""
+        device = next(self.agent.parameters()).device
+        reward = entry["reward"].to(device, torch.float32)
+        if self.variant == "paper":
+            return R.paper_loss(reward, *self._log_weights(entry, device), self.pg_form), None
+        if self.variant == "official":
+            return R.official_loss(reward, *self._log_weights(entry, device)), None
+        log_pi = self.agent(entry["state"].to(device, torch.float32))
+        loss = torch.zeros((), device=device)
+        for level, (lp, u) in enumerate(zip(log_pi, reward)):
+            adv = R.advantages(u)
+            part = R.align_loss(lp, adv, self.tau)
+            low, high = R.align_loss_bounds(adv, self.tau)
+            value = float(part.detach())
+            if not (math.isfinite(value) and low - _BOUND_TOL * (1 + abs(low)) <= value <= high + _BOUND_TOL * (1 + high)):
+                raise DistillError(f"policy 'mtkd_rl' (variant align): agent loss {value:.6g} of the "
+                                   f"{('logit', 'feat')[level]} level left its bound [{low:.4g}, {high:.4g}] in the "
+                                   f"update of epoch {self.epoch + 1}: a bug or non-finite input, stopping")
+            loss = loss + part
+        kl = None
+        if pi_old is not None:
+            kl = torch.stack([(old.exp() * (old - new.detach())).sum(1).mean()
+                              for old, new in zip(pi_old, log_pi)]).max()
+        return loss, kl
+
+    def _update(self) -> None:
+        """One agent optimiser step per buffered batch, in recording order (``align``: until the
+        trust region is left); then empty the buffer."""
+        agent = self.agent
+        if agent is None:
+            return
+        if agent.running_norm:
+            agent.commit()
+        entries = self.buffer.replay()
+        self.buffer.clear()
+        if not entries:
+            return
+        device = next(agent.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # host copies were non-blocking
+        params = [p for p in agent.parameters() if p.requires_grad]
+        align = self.variant == "align"
+        pi_old: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(entries)
+        if align:  # the acting policy (normaliser just committed), before any of this period's steps
+            with torch.no_grad():
+                pi_old = [tuple(t.detach() for t in agent(e["state"].to(device, torch.float32))) for e in entries]
+            for old in pi_old:
+                self._add("entropy", torch.stack([R.entropy(lp).mean() for lp in old]).double(), 1)
+        period_loss: Any = torch.zeros((), dtype=torch.float64, device=device)
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            for entry, old in zip(entries, pi_old):
+                loss, kl = self._agent_loss(entry, old)
+                if kl is not None:
+                    if distributed():  # every rank must take the same decision
+                        dist.all_reduce(kl, op=dist.ReduceOp.MAX)
+                    self._metrics["kl"] = [float(kl), 1]
+                    if float(kl) > self.kl_limit:
+                        self._metrics["trust_stops"][0] += 1
+                        break
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if distributed():
+                    world = dist.get_world_size()
+                    for p in params:
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                            p.grad.div_(world)
+                if self.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                self.optimizer.step()
+                period_loss = period_loss + loss.detach().double()
+                self._metrics["updates"][0] += 1
+        self._metrics["loss"][0] = self._metrics["loss"][0] + period_loss
+        if not (torch.isfinite(period_loss) and all(torch.isfinite(p).all() for p in params)):
+            raise DistillError(
+                f"policy 'mtkd_rl': the agent diverged (non-finite agent loss or parameters) in the update of "
+                f"epoch {self.epoch + 1}. The 'paper' objective -sum_m Rbar log g has no minimum, so the agent "
+                "grows without bound; use variant align (the default), or bound it with distill.policy_args "
+                "max_grad_norm (e.g. 1.0) or pg_form: prob")
+
+    # -- epochs and metrics ----------------------------------------------------------
+
+    def _reset_metrics(self) -> None:
+        # name -> [sum, count]; sums may be device tensors (no host sync per step)
+        self._metrics: Dict[str, List[Any]] = {k: [0.0, 0] for k in (
+            "loss", "updates", "reward", "episodes", "gen", "reward_teacher", "entropy", "kl", "trust_stops")}
+
+    def _add(self, key: str, value: Any, count: int) -> None:
+        total = self._metrics[key]
+        total[0] = total[0] + value
+        total[1] += count
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Start ``epoch``: epochs before ``warmup_epochs`` use the warm-up weight."""
+        self.epoch = epoch
+        self._reset_metrics()
+
+    def end_epoch(self, epoch: int) -> Dict[str, float]:
+        """Update the agent on the epoch's episodes; return the epoch's agent metrics."""
+        self._update()
+        m = self._metrics
+        updates = int(m["updates"][0])
+        out: Dict[str, float] = {"agent_loss": float(m["loss"][0]) / updates if updates else math.nan,
+                                 "reward": float(_mean(m["reward"][0], m["reward"][1])),
+                                 "agent_updates": float(updates), "episodes": float(m["episodes"][0])}
+        if self.agent is not None:
+            out["agent_param_norm"] = self.agent.parameter_norm()
+        levels = ("logit", "feat")
+        if m["gen"][1]:
+            gen = (m["gen"][0] / m["gen"][1]).cpu()
+            for m_ in range(self.num_teachers):
+                out.update({f"g_{lv}/{m_}": gen[j, m_].item() for j, lv in enumerate(levels)})
+        if self.variant == "align":
+            if m["reward_teacher"][1]:
+                per = (m["reward_teacher"][0] / m["reward_teacher"][1]).cpu()
+                for m_ in range(self.num_teachers):
+                    out.update({f"reward_{lv}/{m_}": per[j, m_].item() for j, lv in enumerate(levels)})
+            if m["entropy"][1]:
+                ent = (m["entropy"][0] / m["entropy"][1]).cpu()
+                out.update({f"entropy_{lv}": ent[j].item() for j, lv in enumerate(levels)})
+            out["trust_kl"] = float(m["kl"][0]) if m["kl"][1] else math.nan
+            out["trust_stops"] = float(m["trust_stops"][0])
+        if self.agent is not None and self.agent.learnable_gammas:
+            gam = self.agent.gammas().detach().cpu()
+            for level, label in enumerate(levels):
+                for j, part in enumerate(("gen", "conf", "div")):
+                    out[f"gamma_{label}_{part}"] = gam[level, j].item()
+        return out
+
+    # -- checkpoint ---------------------------------------------------------------
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        """Return everything besides parameters / buffers that an exact resume needs."""
+        if self.agent is not None and next(self.agent.parameters()).is_cuda:
+            torch.cuda.synchronize()
+        optimizer = None
+        if self.optimizer is not None:
+            sd = self.optimizer.state_dict()
+            optimizer = {"state": {str(k): v for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
+        metrics = {k: [v.cpu() if isinstance(v, Tensor) else v, c] for k, (v, c) in self._metrics.items()}
+        return {"version": _EXTRA_VERSION, "dims": self.dims, "epoch": self.epoch, "buffer": self.buffer.state(),
+                "optimizer": optimizer, "metrics": metrics}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`get_extra_state`'s output (builds the agent first if needed)."""
+        if state.get("version") != _EXTRA_VERSION:
+            raise ValueError(f"policy 'mtkd_rl': unsupported checkpoint state version {state.get('version')!r} "
+                             f"(this version writes {_EXTRA_VERSION})")
+        device = next(self.agent.parameters()).device if self.agent is not None else torch.device("cpu")
+        if state["dims"] is not None:
+            self._build(state["dims"], device)
+        self.epoch = int(state["epoch"])
+        self.buffer.load(state["buffer"])
+        if state["optimizer"] is not None:
+            opt = state["optimizer"]
+            self.optimizer.load_state_dict({"state": {int(k): v for k, v in opt["state"].items()},
+                                            "param_groups": opt["param_groups"]})
+        self._metrics = {k: [v.to(device) if isinstance(v, Tensor) else v, int(c)]
+                         for k, (v, c) in state["metrics"].items()}

@@ -1,0 +1,148 @@
+"""MTKD-RL rewards and agent objectives, one pair per variant (pure functions).
+
+Shapes: B batch, M teachers. ``(M, B)`` signals have teacher m in row m; rewards,
+advantages and policies are ``(B, M)``.
+
+- ``paper`` (Equ. 6-8): :func:`paper_rewards`, :func:`normalise_rewards`, :func:`paper_loss`.
+- ``official`` (the authors' code): :func:`official_rewards`, :func:`official_loss`.
+- ``align`` (``shared/MTKD-RL-SPEC.md``, "Amendment: a variant that learns"):
+  :func:`alignment_rewards`, :func:`advantages`, :func:`align_loss`, :func:`align_loss_bounds`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...signals import Signals, StudentOutputs
+from ..base import Weights
+
+ADVANTAGE_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- paper
+
+
+def paper_rewards(signals: Signals, alpha: float, beta: float) -> Tensor:
+    """Return Equ.(6) ``R[i, m] = -CE_S[i] - alpha KD[i, m] - beta FEAT[i, m]``, shape ``(B, M)``."""
+    ce = signals.student_ce.detach().float()
+    return -ce.unsqueeze(1) - alpha * signals.kd.detach().float().t() - beta * signals.feat.detach().float().t()
+
+
+def normalise_rewards(rewards: Tensor) -> Tensor:
+    """Return Equ.(8) as the SPEC reads it, shape ``(B, M)``: per-sample min-max over teachers,
+    then minus the mean of the min-max-normalised values; 0 where max = min."""
+    low = rewards.min(1, keepdim=True).values
+    span = rewards.max(1, keepdim=True).values - low
+    scaled = torch.where(span > 0, (rewards - low) / span.clamp_min(torch.finfo(rewards.dtype).tiny),
+                         torch.zeros_like(rewards))
+    return scaled - scaled.mean(1, keepdim=True)
+
+
+def paper_loss(rewards: Tensor, log_l: Tensor, log_f: Tensor, pg_form: str) -> Tensor:
+    """Return the paper's agent loss (scalar) from raw Equ.(6) rewards ``(B, M)`` and the log
+    weights of both levels ``(B, M)``: ``-mean_i sum_m Rbar (log w_l + log w_f)`` (``pg_form:
+    log``, no minimum) or ``-mean_i sum_m Rbar (w_l + w_f)`` (``prob``, Equ. 7 as printed)."""
+    rbar = normalise_rewards(rewards)
+    if pg_form == "prob":
+        return -(rbar * (log_l.exp() + log_f.exp())).sum(1).mean()
+    return -(rbar * (log_l + log_f)).sum(1).mean()
+
+
+# ----------------------------------------------------------------------------- official
+
+
+def official_rewards(signals: Signals, weights: Weights, alpha: float, beta: float) -> Tuple[Tensor, Tensor]:
+    """Return the authors' per-sample reward ``(raw r, rhat)``, each ``(B,)``.
+
+    ``r = -(CE + alpha sum_m w_l KD + beta sum_m w_f FEAT)``; ``rhat`` = r z-scored over the
+    batch (population std + 1e-8) and clamped to [0, 1].
+    """
+    kd = (weights.logit.float() * signals.kd.detach().float().t()).sum(1)
+    feat = (weights.feat.float() * signals.feat.detach().float().t()).sum(1)
+    raw = -(signals.student_ce.detach().float() + alpha * kd + beta * feat)
+    z = (raw - raw.mean()) / (raw.std(correction=0) + 1e-8)
+    return raw, z.clamp(0.0, 1.0)
+
+
+def official_loss(rhat: Tensor, log_l: Tensor, log_f: Tensor) -> Tensor:
+    """Return the authors' agent loss ``-mean_{i,m} rhat_i (log w_l + log w_f)`` (scalar); its
+    optimum is uniform weights."""
+    return -(rhat.unsqueeze(1) * (log_l + log_f)).mean()
+
+
+# ----------------------------------------------------------------------------- align
+
+
+def _per_teacher_grad_cosine(reference: Tensor, terms: Tensor, wrt: Tensor) -> Tensor:
+    """Return ``cos(grad_wrt reference[i], grad_wrt terms[m, i])`` per sample, shape ``(B, M)``.
+
+    ``reference (B,)`` and ``terms (M, B)`` are per-sample losses on the step's graph (kept:
+    the student's backward still runs); ``wrt (B, ...)`` is a tensor on that graph whose row i
+    only sample i's losses depend on (student logits, the tapped feature), so the gradient of
+    a batch sum is the per-sample gradient.
+    """
+    (ref,) = torch.autograd.grad(reference.sum(), wrt, retain_graph=True)
+    ref = ref.detach().float().flatten(1)
+    cols = []
+    for term in terms:
+        (grad,) = torch.autograd.grad(term.sum(), wrt, retain_graph=True, allow_unused=True)
+        if grad is None:  # the term does not depend on `wrt` (a constant): no alignment either way
+            cols.append(ref.new_zeros(ref.shape[0]))
+            continue
+        cols.append(F.cosine_similarity(ref, grad.detach().float().flatten(1), dim=1, eps=1e-12))
+    return torch.stack(cols, dim=1)
+
+
+def alignment_rewards(signals: Signals, student: StudentOutputs) -> Tuple[Tensor, Tensor]:
+    """Return the align rewards ``(u_l, u_f)``, each ``(B, M)`` in ``[-1, 1]``.
+
+    Does a step on teacher m's term lower the student's label loss? To first order, by the
+    cosine between the per-sample gradients of the student's CE and of that term:
+    ``u_l = cos(grad_z CE, grad_z KD_m)`` on the student logits ``z`` (for Hinton KD this is
+    ``cos(p_S - y, p_S^T - p_Tm^T)``; soft targets replace ``y`` under mixup) and
+    ``u_f = cos(grad_f CE, grad_f FEAT_m)`` on the student's tapped feature ``f`` (through the
+    student's head and projector m). Needs the step's autograd graph (called before backward).
+    """
+    for name, t in (("logits", student.logits), ("feature", student.feature)):
+        if not t.requires_grad:
+            raise ValueError(f"policy 'mtkd_rl' (variant align): the student's {name} carry no autograd graph; "
+                             "its reward is computed inside the training step, before backward")
+    with torch.enable_grad():
+        u_l = _per_teacher_grad_cosine(signals.student_ce, signals.kd, student.logits)
+        u_f = _per_teacher_grad_cosine(signals.student_ce, signals.feat, student.feature)
+    return u_l, u_f
+
+
+def advantages(rewards: Tensor) -> Tensor:
+    """Return ``A = (u - mean_m u) / (std_batch(u) + 1e-6)``, shape ``(B, M)``, from rewards ``(B, M)``.
+
+    Centred per sample (only differences between teachers matter) and scaled by the
+    population std of all the batch's rewards, so teachers that are equally useful get
+    ``A = 0`` exactly and numerical noise is not blown up.
+    """
+    u = rewards.float()
+    return (u - u.mean(1, keepdim=True)) / (u.std(correction=0) + ADVANTAGE_EPS)
+
+
+def entropy(log_pi: Tensor) -> Tensor:
+    """Return the entropy of each row of a categorical policy given ``log pi (B, M)``, shape ``(B,)``."""
+    return -(log_pi.exp() * log_pi).sum(1)
+
+
+def align_loss(log_pi: Tensor, adv: Tensor, tau: float) -> Tensor:
+    """Return the all-actions policy-gradient loss ``-mean_i [sum_m pi A + tau H(pi)]`` (scalar)
+    for one level: ``log pi (B, M)`` with graph, ``adv (B, M)`` constants. Per state its
+    minimiser is ``softmax(A / tau)``; it is bounded (:func:`align_loss_bounds`)."""
+    return -((log_pi.exp() * adv).sum(1) + tau * entropy(log_pi)).mean()
+
+
+def align_loss_bounds(adv: Tensor, tau: float) -> Tuple[float, float]:
+    """Return ``(low, high)`` with ``low <= align_loss(., adv, tau) <= high`` for every policy:
+    ``-(max|A| + tau log M) <= L <= max|A|``."""
+    top = float(adv.abs().max()) if adv.numel() else 0.0
+    return -(top + tau * math.log(adv.shape[1])), top
