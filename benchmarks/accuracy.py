@@ -9,7 +9,7 @@ file path), the policies to compare (each a set of recipe overrides) and the see
     policies:
       none: {teachers: [], pool: null}     # the student alone, same schedule
       aver: {distill.policy: aver}
-      mtkd_rl: {distill.policy: mtkd_rl, distill.policy_args: {max_grad_norm: 1.0}}
+      mtkd_rl: {distill.policy: mtkd_rl}
 
 Every (recipe, policy, seed) is an ordinary :class:`distill.pipeline.RecipeRunner` run in
 ``<out>/<recipe>/<policy>/seed<seed>``. A run with ``results.json`` is done and skipped; an
@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -112,6 +112,13 @@ class Study:
         except RecipeError as exc:
             raise DistillError(f"study recipe {name!r}, policy {policy!r}: {exc}") from None
 
+    def make_runner(self, name: str, recipe: Recipe):
+        """Return the runner of one run of recipe ``name`` (a resuming RecipeRunner; a study
+        with modified teachers, such as benchmarks/discrimination.py, overrides this)."""
+        from distill.pipeline import RecipeRunner
+
+        return RecipeRunner(recipe, resume=True)
+
     def runs(self, policies: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None):
         """Yield (recipe, policy, seed) in sweep order: seed-major, so a partial sweep covers every policy."""
         for seed in seeds if seeds is not None else self.seeds:
@@ -122,13 +129,11 @@ class Study:
 
 def run_one(study: Study, name: str, policy: str, seed: int) -> Dict[str, Any]:
     """Run (or resume) one recipe; return its results.csv row."""
-    from distill.pipeline import RecipeRunner
-
     recipe = study.recipe(name, policy, seed)
     run_dir = recipe.run_dir
     resumed = (run_dir / "last.json").is_file() or (run_dir / "teachers").is_dir()
     started = time.perf_counter()
-    RecipeRunner(recipe, resume=True).run()
+    study.make_runner(name, recipe).run()
     wall = time.perf_counter() - started
     (run_dir / "sweep.json").write_text(json.dumps({"wall_time_s": wall, "resumed": resumed}))
     return row_of(study, name, policy, seed)
@@ -231,15 +236,19 @@ def plot(study: Study, path: Path) -> Optional[Path]:
     return path
 
 
-def write_reports(study: Study) -> List[Dict[str, Any]]:
-    """Rewrite results.csv, results.md and val_top1.png from every finished run; return the rows."""
+def write_reports(study: Study, extra_report: Optional[Callable[[Study], str]] = None) -> List[Dict[str, Any]]:
+    """Rewrite results.csv, results.md (plus ``extra_report(study)``) and val_top1.png from
+    every finished run; return the rows."""
     rows = [r for r in (row_of(study, *key) for key in study.runs()) if r is not None]
     study.output_dir.mkdir(parents=True, exist_ok=True)
     with open(study.output_dir / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    (study.output_dir / "results.md").write_text(markdown(study, rows))
+    text = markdown(study, rows)
+    if extra_report is not None:
+        text += "\n" + extra_report(study)
+    (study.output_dir / "results.md").write_text(text)
     plot(study, study.output_dir / "val_top1.png")
     return rows
 
@@ -247,8 +256,11 @@ def write_reports(study: Study) -> List[Dict[str, Any]]:
 # ----------------------------------------------------------------------------- CLI
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Optional[Sequence[str]] = None, study_cls: type = Study,
+         extra_report: Optional[Callable[[Study], str]] = None, description: str = "") -> int:
+    """Run the sweep of a study config (``study_cls`` parses it); print and write the reports.
+    ``extra_report(study)`` returns more Markdown, appended to results.md."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
     parser.add_argument("config", type=Path, help="study config (benchmarks/configs/*.yaml)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="recipe overrides applied to every run (e.g. data.root=/data/cifar10)")
@@ -259,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--report", action="store_true", help="only rewrite the tables and plot")
     args = parser.parse_args(argv)
     try:
-        study = Study(args.config, args.set)
+        study = study_cls(args.config, args.set)
         if args.out is not None:
             study.output_dir = args.out
         for label in args.policies or []:
@@ -279,12 +291,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 row = run_one(study, name, policy, seed)
                 print(f"[{i + 1}/{len(todo)}] {name} {policy} seed {seed}: final {row['final_top1']:.2f}, "
                       f"best {row['best_top1']:.2f}, {row['wall_time_s']:.0f} s", flush=True)
-                write_reports(study)
-        rows = write_reports(study)
+                write_reports(study, extra_report)
+        rows = write_reports(study, extra_report)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(markdown(study, rows))
+    print((study.output_dir / "results.md").read_text())
     print(f"wrote {study.output_dir}/results.csv, results.md, val_top1.png")
     return 0
 
