@@ -101,8 +101,8 @@ class TappedModel(nn.Module):
         model's space): ``pre_logits``: the classifier on the ``(B, d)`` vector; ``last_map``:
         ``forward_head`` on the map, or on patch tokens ``(B, N, D)`` with the model's prefix
         tokens put back as zeros (right for a head that pools the patch tokens alone, timm's
-        ``global_pool`` ``'avg'`` or ``'map'``; a class-token head would read the zeros). Raises ValueError for
-        an intermediate stage (no head follows it) or a model whose classifier is not one
+        ``global_pool`` ``'avg'``; a class-token head would read the zeros). Raises ValueError
+        for an intermediate stage (no head follows it) or a model whose classifier is not one
         module. Whether the head reproduces the model's logits is the caller's check.
         """
         model = self.model

@@ -2,8 +2,8 @@
 
 A policy turns the step's :class:`~distill.signals.Signals` into per-sample teacher
 weights for the logit and feature terms of Equ.(2). Weights are ``(B, M)``, each row sums
-to 1 (or is 0 where a policy switches a level off), and enter the student loss detached. A new policy is one file with one
-``@register_policy`` class.
+to 1 (or is 0 where a policy switches a level off), and enter the student loss detached. A
+new policy is one file with one ``@register_policy`` class.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ class Weights:
 class WeightingPolicy(nn.Module):
     """Base class. Subclasses set ``name`` and implement :meth:`weights`.
 
-    Lifecycle: ``bind_heads(...)`` then ``setup(...)`` once when the Distiller is built; per epoch ``begin_epoch(e)``, then per step ``weights(...)`` ->
-    (loss, backward, optimiser step) -> ``observe(...)``, then ``end_epoch(e)``.
+    Lifecycle: ``bind_heads(...)`` then ``setup(...)`` once when the Distiller is built; per
+    epoch ``begin_epoch(e)``, then per step ``weights(...)`` -> (loss, backward, optimiser
+    step) -> ``observe(...)``, then ``end_epoch(e)``.
     Learnable state lives in parameters / buffers so it is checkpointed with
     ``state_dict()``; anything else goes through ``get_extra_state``.
     """

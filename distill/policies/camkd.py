@@ -16,11 +16,12 @@ different cross-entropies against the label (soft targets under mixup):
   the projected map for ``last_map`` (what the authors' code does: the teacher's
   ``avgpool + fc`` on the regressed last-stage map), and for ViT patch tokens ``forward_head``
   with zero prefix tokens, which is the teacher's head only when it pools the patch tokens
-  alone (timm's ``global_pool`` ``'avg'`` or ``'map'``). :meth:`setup` checks each head against its teacher on the
-  setup batch (the head on the teacher's own feature must give the teacher's logits) and
-  raises ValueError where it does not (a class-token or attention-pool ViT head, an
-  intermediate stage tap). Computed without grad; the weights enter the loss detached (the
-  authors' code lets the feature weights' gradient reach the student; ours never do);
+  alone (timm's ``global_pool`` ``'avg'``, or ``'map'`` without the prefix tokens).
+  :meth:`setup` checks each head against its teacher on the setup batch (the head on the
+  teacher's own feature must give the teacher's logits) and raises ValueError where it does
+  not (a class-token ViT head, an intermediate stage tap). Computed without grad; the
+  weights enter the loss detached (the authors' code lets the feature weights' gradient
+  reach the student; ours never do);
 - the weighted sums are divided by M: ``logit_term = sum_m w_l KD_m / M``,
   ``feature_term = sum_m w_f FEAT_m / M`` (the code's ``/ (bsz * num_teacher)``), so the
   effective KD weights sum to ``1 / M``;
@@ -127,8 +128,8 @@ class ConfidencePolicy(WeightingPolicy):
 
     def _bound_heads(self) -> List[TeacherHead]:
         if self.heads is None:
-            raise ValueError("policy 'camkd' (variant published) needs the teachers' heads: call bind_heads(pool.heads()) "
-                             "before setup (the Distiller does)")
+            raise ValueError("policy 'camkd' (variant published) needs the teachers' heads: call "
+                             "bind_heads(pool.heads()) before setup (the Distiller does)")
         return self.heads
 
     def begin_epoch(self, epoch: int) -> None:
