@@ -112,6 +112,7 @@ class Distiller:
             t_out = self.pool(x)
             t_feats = t_out.features
             if self.policy is not None:
+                self.policy.bind_heads(self.pool.heads())
                 self.policy.setup(t_out, self.alpha, self.beta, self.temperature, self.logit_loss)
         student.train(was_training)
         return build_projectors(s_feat.shape[1:], [f.shape[1:] for f in t_feats], self.pool.names, param.device)

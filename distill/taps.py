@@ -94,6 +94,31 @@ class TappedModel(nn.Module):
             feature = _strip_prefix_tokens(model, final)
         return TapOutput(logits, feature, embedding)
 
+    def head(self, feature: Tensor) -> Tensor:
+        """Return the logits ``(B, C)`` this model's own head gives for ``feature``, without grad.
+
+        ``feature`` is shaped like this tap's feature (a student's feature projected into this
+        model's space): ``pre_logits``: the classifier on the ``(B, d)`` vector; ``last_map``:
+        ``forward_head`` on the map, or on patch tokens ``(B, N, D)`` with the model's prefix
+        tokens put back as zeros (right for a head that pools the patch tokens alone, timm's
+        ``global_pool`` ``'avg'``; a class-token head would read the zeros). Raises ValueError
+        for an intermediate stage (no head follows it) or a model whose classifier is not one
+        module. Whether the head reproduces the model's logits is the caller's check.
+        """
+        model = self.model
+        if self.tap.kind == "stage":
+            raise ValueError(f"stage {self.tap.index} of {type(model).__name__} is not followed by its classifier")
+        with torch.no_grad():
+            if self.tap.kind == "pre_logits":
+                classifier = model.get_classifier()
+                if not isinstance(classifier, nn.Module):
+                    raise ValueError(f"{type(model).__name__}.get_classifier() is not one module")
+                return classifier(feature)
+            prefix = getattr(model, "num_prefix_tokens", 0) if feature.ndim == 3 else 0
+            if prefix:
+                feature = torch.cat([feature.new_zeros(feature.shape[0], prefix, feature.shape[2]), feature], 1)
+            return model.forward_head(feature)
+
 
 def _strip_prefix_tokens(model: nn.Module, features: Tensor) -> Tensor:
     """Return ViT patch tokens without class / distillation / register tokens; maps unchanged."""

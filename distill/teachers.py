@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,11 @@ class TeacherPool(nn.Module):
     def names(self) -> List[str]:
         """Return the teachers' names in pool order."""
         return [t.name for t in self.teachers]
+
+    def heads(self) -> List[Callable[[Tensor], Tensor]]:
+        """Return each teacher's ``head(feature) -> logits (B, C)`` (:meth:`TappedModel.head`,
+        no grad), in pool order; they read the teacher models, so they hold with a teacher cache."""
+        return [t.tapped.head for t in self.teachers]
 
     def train(self, mode: bool = True) -> "TeacherPool":
         """The pool stays in eval mode whatever the caller asks."""

@@ -4,19 +4,27 @@ values computed by hand from small fixed tensors."""
 import math
 
 import pytest
+import timm
 import torch
 
 torch.set_num_threads(1)
 
+import zoo  # noqa: E402,F401  (registers the CIFAR models)
 from distill import losses  # noqa: E402
 from distill.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from distill.distiller import Distiller  # noqa: E402
 from distill.errors import DistillError, RecipeError  # noqa: E402
 from distill.policies import POLICIES, Weights, build_policy  # noqa: E402
+from distill.policies.camkd import confidence_weights  # noqa: E402
 from distill.policies.mtkd_rl import build_state, normalise_rewards, official_rewards, paper_rewards  # noqa: E402
 from distill.recipe import recipe_from_dict  # noqa: E402
+from distill.registry import DataSpec  # noqa: E402
 from distill.signals import Signals, StudentOutputs, TeacherOutputs, compute_signals  # noqa: E402
+from distill.taps import FeatureTap  # noqa: E402
+from distill.teachers import InputAdapter, Teacher, TeacherPool  # noqa: E402
 
 LN2, LN3, LN4, LN5 = math.log(2), math.log(3), math.log(4), math.log(5)
+CAMKD_DATA = DataSpec((3, 8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
 def make_step(teacher_ce, kl=None, cos=None, kd=None, feat=None, student_ce=None, logits=None, embeddings=None,
@@ -72,17 +80,155 @@ def test_ebkd_temperature_is_only_for_the_entropy():
 
 
 def test_camkd_equ9_by_hand():
+    # the logit level of both variants; variant shared reuses it at the feature level
     # M = 3: exp(CE) = 1, 2, 5 -> softmax = 1/8, 2/8, 5/8 -> (1 - s) / 2 = 7/16, 6/16, 3/16
     signals, teachers, student, y = make_step([[0.0], [LN2], [LN5]])
-    w = build_policy("camkd", 3, {}).weights(signals, teachers, student, y)
-    assert torch.allclose(w.logit[0], torch.tensor([7 / 16, 6 / 16, 3 / 16]), atol=1e-6)
+    for variant in ("published", "shared"):
+        w = build_policy("camkd", 3, {"variant": variant}).weights(signals, teachers, student, y)
+        assert torch.allclose(w.logit[0], torch.tensor([7 / 16, 6 / 16, 3 / 16]), atol=1e-6)
     assert torch.equal(w.logit, w.feat)
     # M = 2: exp(CE) = 1, 3 -> (3/4, 1/4); M = 1 -> 1
     signals, teachers, student, y = make_step([[0.0, 1.0], [LN3, 1.0]])
-    w = build_policy("camkd", 2, {}).weights(signals, teachers, student, y).logit
+    w = build_policy("camkd", 2, {"variant": "shared"}).weights(signals, teachers, student, y).logit
     assert torch.allclose(w, torch.tensor([[0.75, 0.25], [0.5, 0.5]]), atol=1e-6)
     signals, teachers, student, y = make_step([[7.0, 0.1]])
-    assert torch.equal(build_policy("camkd", 1, {}).weights(signals, teachers, student, y).logit, torch.ones(2, 1))
+    assert torch.equal(build_policy("camkd", 1, {"variant": "shared"}).weights(signals, teachers, student, y).logit,
+                       torch.ones(2, 1))
+
+
+def camkd_pool(tap: FeatureTap) -> TeacherPool:
+    """Two cifar_resnet8 teachers (64 features, 2 classes) with hand-set classifiers:
+    teacher 0 reads class c from feature channel c, teacher 1's logits are always 0."""
+    teachers = []
+    for m in range(2):
+        torch.manual_seed(m)
+        model = timm.create_model("cifar_resnet8", num_classes=2)
+        with torch.no_grad():
+            model.fc.weight.zero_()
+            model.fc.bias.zero_()
+            if m == 0:
+                model.fc.weight[0, 0] = model.fc.weight[1, 1] = 1.0
+        teachers.append(Teacher(f"{m}:t", model, InputAdapter(CAMKD_DATA, CAMKD_DATA.mean, CAMKD_DATA.std), tap,
+                                CAMKD_DATA.input_size))
+    return TeacherPool(teachers)
+
+
+def set_up_camkd(pool: TeacherPool, **args):
+    """Return a camkd policy bound to ``pool``'s heads and set up on its outputs."""
+    policy = build_policy("camkd", len(pool), args)
+    policy.bind_heads(pool.heads())
+    policy.setup(pool(torch.zeros(2, *CAMKD_DATA.input_size)))
+    return policy
+
+
+@pytest.mark.parametrize("kind", ["pre_logits", "last_map"])
+def test_camkd_published_feature_weights_from_the_teachers_heads_by_hand(kind):
+    policy = set_up_camkd(camkd_pool(FeatureTap(kind)))
+    # the student's projected features: for teacher 0 channel 0 = ln 3 (pre_logits), or a
+    # 2x2 map whose channel 0 averages to ln 3 (last_map: the head pools, then the fc)
+    if kind == "pre_logits":
+        p0 = torch.zeros(2, 64)
+        p0[:, 0] = LN3
+    else:
+        p0 = torch.zeros(2, 64, 2, 2)
+        p0[:, 0, 0] = 2 * LN3  # one row of two positions out of four
+    projected = [p0, torch.randn(p0.shape)]
+    signals, teachers, _, _ = make_step([[0.0, 0.0], [LN3, LN3]])
+    student = StudentOutputs(torch.zeros(2, 2), torch.zeros(2, 4), projected)
+    y = torch.tensor([0, 1])
+    policy.begin_epoch(0)
+    w = policy.weights(signals, teachers, student, y)
+    assert torch.allclose(w.logit, torch.tensor([[0.75, 0.25]] * 2), atol=1e-6)
+    assert torch.equal(w.feat, torch.zeros(2, 2))  # no feature loss in the first epoch
+    policy.begin_epoch(1)
+    w = policy.weights(signals, teachers, student, y)
+    # teacher 0's logits (ln 3, 0): CE = ln 4/3 (y = 0), ln 4 (y = 1); teacher 1: CE = ln 2.
+    # y = 0: exp(CE) = 4/3, 2 -> softmax (0.4, 0.6) -> 1 - s = (0.6, 0.4)
+    # y = 1: exp(CE) = 4, 2 -> softmax (2/3, 1/3) -> (1/3, 2/3)
+    assert torch.allclose(w.feat, torch.tensor([[0.6, 0.4], [1 / 3, 2 / 3]]), atol=1e-6)
+    assert torch.allclose(w.logit, torch.tensor([[0.75, 0.25]] * 2), atol=1e-6)
+    assert not w.feat.requires_grad and policy.state_dict() == {}  # no teacher weight in the policy
+
+
+def test_camkd_sums_divided_by_m_published_not_shared():
+    signals, teachers, student, y = make_step([[0.0], [0.0]], kd=[[4.0], [8.0]], feat=[[1.0], [2.0]])
+    w = Weights(torch.tensor([[0.75, 0.25]]), torch.tensor([[0.6, 0.4]]))
+    published, shared = build_policy("camkd", 2, {}), build_policy("camkd", 2, {"variant": "shared"})
+    # sum_m w_l KD = 3 + 2 = 5; sum_m w_f FEAT = 0.6 + 0.8 = 1.4; published: / M = 2
+    assert published.logit_term(w, signals, teachers, student, 4.0).item() == pytest.approx(2.5)
+    assert published.feature_term(w, signals).item() == pytest.approx(0.7)
+    assert shared.logit_term(w, signals, teachers, student, 4.0).item() == pytest.approx(5.0)
+    assert shared.feature_term(w, signals).item() == pytest.approx(1.4)
+
+
+def test_camkd_arguments_and_unsupported_heads_raise():
+    for bad in ({"variant": "paper"}, {"varient": "shared"}):
+        with pytest.raises(ValueError, match="variant"):
+            POLICIES["camkd"].check_args(bad)
+    pool = camkd_pool(FeatureTap("pre_logits"))
+    with pytest.raises(ValueError, match="bind_heads"):
+        build_policy("camkd", 2, {}).setup(pool(torch.zeros(2, *CAMKD_DATA.input_size)))
+    build_policy("camkd", 2, {"variant": "shared"}).setup(pool(torch.zeros(2, *CAMKD_DATA.input_size)))
+    with pytest.raises(ValueError, match="stage 1 .* not followed by its classifier"):
+        set_up_camkd(camkd_pool(FeatureTap("stage", 1)))
+    # ViT patch tokens: a head pooling the patch tokens ('avg') is supported, a class-token head is not
+    set_up_camkd(vit_pool("avg"))
+    with pytest.raises(ValueError, match="does not give its logits"):
+        set_up_camkd(vit_pool("token"))
+
+
+def vit_pool(global_pool: str) -> TeacherPool:
+    """Two tiny ViT teachers (8x8 input, four 4x4 patches, one block) tapped at ``last_map``."""
+    teachers = []
+    for m in range(2):
+        torch.manual_seed(m)
+        model = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=8, depth=1,
+                                  num_heads=2, num_classes=3, global_pool=global_pool)
+        teachers.append(Teacher(f"{m}:vit", model, InputAdapter(CAMKD_DATA, CAMKD_DATA.mean, CAMKD_DATA.std),
+                                FeatureTap("last_map"), CAMKD_DATA.input_size))
+    return TeacherPool(teachers)
+
+
+def test_camkd_through_the_distiller_equ2_by_hand():
+    torch.manual_seed(0)
+    pool = _zoo_pool()
+    policy = build_policy("camkd", 2, {})
+    distiller = Distiller(timm.create_model("cifar_resnet8", num_classes=5), pool, policy, FeatureTap("last_map"),
+                          CAMKD_DATA.input_size, alpha=1.0, beta=50.0, temperature=4.0)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 4])
+    for epoch in (0, 1):
+        policy.begin_epoch(epoch)
+        out = distiller(x, y)
+        out.loss.backward()
+        s, t = out.student, out.teachers
+        # independently: teacher m's forward_head on the projected student map, its CE, Equ.(9)
+        with torch.no_grad():
+            head_ce = torch.stack([losses.cross_entropy(tm.model.forward_head(p), y)
+                                   for tm, p in zip(pool.teachers, s.projected)])
+        w_l = confidence_weights(losses.cross_entropy(t.logits, y))
+        w_f = confidence_weights(head_ce) if epoch else torch.zeros(4, 2)
+        kd = losses.kd_loss(s.logits, t.logits, 4.0).t()
+        feat = torch.stack([losses.fitnet_loss(p, f) for p, f in zip(s.projected, t.features)]).t()
+        expected = losses.cross_entropy(s.logits, y) + (w_l * kd).sum(1) / 2 + 50.0 * (w_f * feat).sum(1) / 2
+        assert torch.allclose(out.weights.feat, w_f, atol=1e-6)
+        assert torch.allclose(out.per_sample, expected, atol=1e-5)
+    assert out.weights.feat.min() > 0
+    # a mixture over camkd hands the heads on to it
+    mixture = build_policy("mixture", 2, {"over": "camkd"})
+    Distiller(timm.create_model("cifar_resnet8", num_classes=5), pool, mixture, FeatureTap("last_map"),
+              CAMKD_DATA.input_size)
+    assert mixture.inner.heads is not None
+
+
+def _zoo_pool() -> TeacherPool:
+    """Two small randomly initialised zoo teachers (5 classes) tapped at ``last_map``."""
+    teachers = []
+    for m, name in enumerate(("cifar_resnet8", "cifar_resnet14")):
+        torch.manual_seed(m)
+        teachers.append(Teacher(f"{m}:{name}", timm.create_model(name, num_classes=5),
+                                InputAdapter(CAMKD_DATA, CAMKD_DATA.mean, CAMKD_DATA.std), FeatureTap("last_map"),
+                                CAMKD_DATA.input_size))
+    return TeacherPool(teachers)
 
 
 # ----------------------------------------------------------------------------- mtkd_rl: action

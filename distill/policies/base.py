@@ -2,15 +2,15 @@
 
 A policy turns the step's :class:`~distill.signals.Signals` into per-sample teacher
 weights for the logit and feature terms of Equ.(2). Weights are ``(B, M)``, each row sums
-to 1, and enter the student loss detached. A new policy is one file with one
-``@register_policy`` class.
+to 1 (or is 0 where a policy switches a level off), and enter the student loss detached. A
+new policy is one file with one ``@register_policy`` class.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Type
+from typing import Any, Callable, ClassVar, Dict, Sequence, Type
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ from ..errors import close_matches
 from ..signals import Signals, StudentOutputs, TeacherOutputs
 
 POLICIES: Dict[str, Type["WeightingPolicy"]] = {}
+TeacherHead = Callable[[Tensor], Tensor]  # teacher m's head: a feature in its space -> logits (B, C), no grad
 
 
 def register_policy(cls: Type["WeightingPolicy"]) -> Type["WeightingPolicy"]:
@@ -40,8 +41,9 @@ class Weights:
 class WeightingPolicy(nn.Module):
     """Base class. Subclasses set ``name`` and implement :meth:`weights`.
 
-    Lifecycle: ``setup(...)`` once when the Distiller is built; per epoch ``begin_epoch(e)``, then per step ``weights(...)`` ->
-    (loss, backward, optimiser step) -> ``observe(...)``, then ``end_epoch(e)``.
+    Lifecycle: ``bind_heads(...)`` then ``setup(...)`` once when the Distiller is built; per
+    epoch ``begin_epoch(e)``, then per step ``weights(...)`` -> (loss, backward, optimiser
+    step) -> ``observe(...)``, then ``end_epoch(e)``.
     Learnable state lives in parameters / buffers so it is checkpointed with
     ``state_dict()``; anything else goes through ``get_extra_state``.
     """
@@ -61,6 +63,14 @@ class WeightingPolicy(nn.Module):
             if key not in known:
                 raise ValueError(f"policy {cls.name!r} takes no argument {key!r}"
                                  f"{close_matches(key, known)}; it takes: {', '.join(known) or 'none'}")
+
+    def bind_heads(self, heads: Sequence[TeacherHead]) -> None:
+        """Called by the Distiller just before :meth:`setup` with each teacher's head, pool
+        order (:meth:`distill.teachers.TeacherPool.heads`): ``head(feature) -> logits (B, C)``
+        under ``torch.no_grad()``, ``feature`` shaped like that teacher's tapped feature (a
+        projected student feature fits). The default ignores them; a policy that scores
+        features with the teachers' classifiers (``camkd``) keeps them in a plain list, never
+        as submodules, so no teacher weight enters its ``state_dict``."""
 
     def setup(self, teachers: TeacherOutputs, alpha: float = 1.0, beta: float = 5.0,
               temperature: float = 4.0, logit_loss: str = "kd") -> None:

@@ -17,7 +17,7 @@ Weights come from ``policy_args``:
   one per teacher, normalised); default uniform.
 - ``over: camkd`` / ``over: mtkd_rl`` (any registered policy but ``mixture``), with its own
   arguments in ``over_args: {...}``: per-sample weights ``w_l (B, M)`` from that policy, which
-  receives every lifecycle call (``setup``, ``begin_epoch``, ``observe``, ``end_epoch``) and
+  receives every lifecycle call (``bind_heads``, ``setup``, ``begin_epoch``, ``observe``, ``end_epoch``) and
   whose state is checkpointed as ``inner.*``. An inner MTKD-RL agent is still rewarded with
   the per-teacher terms of Equ.(6) (the mixture has no per-teacher term), which measure how
   well the student matches each teacher.
@@ -28,14 +28,14 @@ the static weights or the inner policy's ``w_f``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import losses
 from ..signals import Signals, StudentOutputs, TeacherOutputs
-from .base import POLICIES, Weights, WeightingPolicy, register_policy
+from .base import POLICIES, TeacherHead, Weights, WeightingPolicy, register_policy
 
 
 @register_policy
@@ -79,6 +79,11 @@ class MixturePolicy(WeightingPolicy):
             POLICIES[over].check_args(over_args or {})
         elif over_args:
             raise ValueError("policy 'mixture': over_args needs over")
+
+    def bind_heads(self, heads: Sequence[TeacherHead]) -> None:
+        """Hand the teachers' heads on to the inner policy."""
+        if self.inner is not None:
+            self.inner.bind_heads(heads)
 
     def setup(self, teachers: TeacherOutputs, alpha: float = 1.0, beta: float = 5.0,
               temperature: float = 4.0, logit_loss: str = "kd") -> None:
