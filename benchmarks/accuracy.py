@@ -292,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None, study_cls: type = Study,
                 print(f"[{i + 1}/{len(todo)}] {name} {policy} seed {seed}: final {row['final_top1']:.2f}, "
                       f"best {row['best_top1']:.2f}, {row['wall_time_s']:.0f} s", flush=True)
                 write_reports(study, extra_report)
-        rows = write_reports(study, extra_report)
+        write_reports(study, extra_report)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,6 @@ from torch import nn
 
 torch.set_num_threads(1)
 
-from distill import losses  # noqa: E402
 from distill.distiller import Distiller  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
 from distill.policies import build_policy  # noqa: E402

@@ -122,7 +122,8 @@ gammas.
 from .action import divergence_weights, floored, fuse, gated_divergence, parse_gammas
 from .agent import MTKDAgent, build_state
 from .buffer import EpisodeBuffer
-from .policy import VARIANTS, MTKDRLPolicy
+from .args import VARIANTS
+from .policy import MTKDRLPolicy
 from .rewards import (advantages, align_loss, align_loss_bounds, alignment_rewards, normalise_rewards,
                       official_rewards, paper_rewards)
 

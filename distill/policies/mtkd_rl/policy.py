@@ -17,24 +17,12 @@ from ...errors import DistillError
 from ...signals import Signals, StudentOutputs, TeacherOutputs
 from ..base import Weights, WeightingPolicy, register_policy
 from ..camkd import confidence_weights
-from .action import DIVERGENCES, divergence_weights, floored, fuse, gated_divergence, parse_gammas
+from .action import divergence_weights, floored, fuse, gated_divergence, parse_gammas
+from .args import BUFFER_DTYPES, VARIANT_DEFAULTS, check_mtkd_args
 from .agent import MTKDAgent, build_state, distributed
 from .buffer import EpisodeBuffer, to_host
 from . import rewards as R
 
-VARIANTS = ("align", "paper", "official")
-PG_FORMS = ("log", "prob")
-STATE_NORMS = ("none", "running")
-BUFFER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-# arguments whose default depends on the variant (None in the signature means "the variant's")
-VARIANT_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "align": {"lr": 0.01, "momentum": 0.9, "max_grad_norm": 1.0, "state_norm": "running",
-              "gammas": [2 / 3, 1 / 3, 0.0]},
-    "paper": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3},
-    "official": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3},
-}
-ALIGN_ONLY = ("floor", "tau", "kl_limit")
-NOT_ALIGN = ("learnable_gammas",)
 _BOUND_TOL = 1e-4
 _EXTRA_VERSION = 2
 
@@ -99,55 +87,7 @@ class MTKDRLPolicy(WeightingPolicy):
     def check_args(cls, args: Dict[str, Any]) -> None:
         """Raise ValueError for an unknown key, a bad value or a key the variant does not use."""
         super().check_args(args)
-        args = {k: v for k, v in args.items() if v is not None}
-
-        def integer(key: str, low: int) -> None:
-            v = args.get(key, low)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"policy 'mtkd_rl': {key} must be an integer >= {low}, got {v!r}")
-
-        def number(key: str, low: float, high: float = math.inf, open_low: bool = False) -> None:
-            if key not in args:
-                return
-            v = args[key]
-            bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not (low <= v <= high) \
-                or (open_low and v == low)
-            if bad:
-                rng = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
-                raise ValueError(f"policy 'mtkd_rl': {key} must be a number {rng}, got {v!r}")
-
-        choice_args = (("variant", VARIANTS), ("state_norm", STATE_NORMS), ("buffer_dtype", tuple(BUFFER_DTYPES)),
-                       ("pg_form", PG_FORMS), ("divergence", DIVERGENCES))
-        for key, choices in choice_args:
-            if key in args and args[key] not in choices:
-                raise ValueError(f"policy 'mtkd_rl': {key} must be one of {', '.join(choices)}, got {args[key]!r}")
-        variant = args.get("variant", "align")
-        for key in ("hidden", "buffer", "update_every"):
-            integer(key, 1)
-        for key in ("warmup_epochs", "seed"):
-            integer(key, 0)
-        for key in ("lr", "warmup_weight", "tau", "kl_limit"):
-            number(key, 0.0, open_low=True)
-        for key in ("momentum", "weight_decay", "max_grad_norm"):
-            number(key, 0.0)
-        number("floor", 0.0, 1.0)
-        if variant == "align":
-            wrong = [k for k in NOT_ALIGN if args.get(k)] + (["pg_form"] if args.get("pg_form", "log") != "log" else [])
-        else:
-            wrong = [k for k in ALIGN_ONLY if k in args]
-            if variant == "official" and args.get("pg_form", "log") != "log":
-                wrong.append("pg_form")
-        if wrong:
-            raise ValueError(f"policy 'mtkd_rl': {', '.join(wrong)} does not apply to variant {variant}")
-        if not isinstance(args.get("learnable_gammas", False), bool):
-            raise ValueError("policy 'mtkd_rl': learnable_gammas must be true or false, "
-                             f"got {args['learnable_gammas']!r}")
-        rows = parse_gammas(args.get("gammas"), VARIANT_DEFAULTS[variant]["gammas"])
-        if args.get("learnable_gammas") and any(v <= 0 for row in rows for v in row):
-            raise ValueError("policy 'mtkd_rl': learnable_gammas needs every initial gamma > 0")
-        if "divergence" in args and all(row[2] == 0 for row in rows) and not args.get("learnable_gammas"):
-            raise ValueError(f"policy 'mtkd_rl': divergence {args['divergence']!r} has no effect: the divergence "
-                             "gamma is 0 at both levels (give gammas with a divergence share)")
+        check_mtkd_args(args)
 
     # -- building ---------------------------------------------------------------
 
