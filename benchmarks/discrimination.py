@@ -25,6 +25,7 @@ teachers relative to the uniform share ``1/M``.
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -141,6 +142,17 @@ class DiscriminationStudy(accuracy.Study):
                 shape = (self.data_spec.input_size[0], *size) if size else self.data_spec.input_size
                 return corrupt_teacher(teacher, kind, index, shape)
 
+            def evaluate_teacher(self, teacher):
+                # the same for every policy and seed of a pool: evaluated once, kept in the study folder
+                key = f"{name} {teacher.name} {teacher.source.get('sha256')} {recipe.data.val_subset}"
+                if key not in memo:
+                    memo[key] = super().evaluate_teacher(teacher)
+                    memo_path.write_text(json.dumps(memo, indent=1))
+                return memo[key]
+
+        memo_path = self.output_dir / "teacher_metrics.json"
+        memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         return CorruptingRunner(recipe, resume=True)
 
 
