@@ -25,7 +25,7 @@ in ``<out>``:
 - ``val_top1.png``: val top-1 per epoch, mean over seeds per policy (band: min..max).
 
     python benchmarks/accuracy.py benchmarks/configs/cifar10_cpu.yaml --set data.root=/data/cifar10
-    python benchmarks/accuracy.py CONFIG --policies aver mtkd_rl --seeds 0   # a slice of the sweep
+    python benchmarks/accuracy.py CONFIG --policies aver mtkd_rl --seeds 0   # a slice of the sweep (also --recipes)
     python benchmarks/accuracy.py CONFIG --report                            # tables and plot only
 """
 
@@ -119,10 +119,11 @@ class Study:
 
         return RecipeRunner(recipe, resume=True)
 
-    def runs(self, policies: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None):
+    def runs(self, policies: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
+             recipes: Optional[Sequence[str]] = None):
         """Yield (recipe, policy, seed) in sweep order: seed-major, so a partial sweep covers every policy."""
         for seed in seeds if seeds is not None else self.seeds:
-            for name in self.recipes:
+            for name in recipes if recipes is not None else self.recipes:
                 for policy in policies if policies is not None else self.policies:
                     yield name, policy, seed
 
@@ -266,6 +267,7 @@ def main(argv: Optional[Sequence[str]] = None, study_cls: type = Study,
                         help="recipe overrides applied to every run (e.g. data.root=/data/cifar10)")
     parser.add_argument("--policies", nargs="+", help="run only these policy labels")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds")
+    parser.add_argument("--recipes", nargs="+", help="run only these recipe names")
     parser.add_argument("--out", type=Path, help="output folder (default: the config's output_dir)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--report", action="store_true", help="only rewrite the tables and plot")
@@ -277,12 +279,15 @@ def main(argv: Optional[Sequence[str]] = None, study_cls: type = Study,
         for label in args.policies or []:
             if label not in study.policies:
                 raise DistillError(f"--policies: {label!r} is not in {args.config} ({', '.join(study.policies)})")
+        for label in args.recipes or []:
+            if label not in study.recipes:
+                raise DistillError(f"--recipes: {label!r} is not in {args.config} ({', '.join(study.recipes)})")
         if not args.report:
             import torch
 
             if args.threads:
                 torch.set_num_threads(args.threads)
-            todo = list(study.runs(args.policies, args.seeds))
+            todo = list(study.runs(args.policies, args.seeds, args.recipes))
             for i, (name, policy, seed) in enumerate(todo):
                 if row_of(study, name, policy, seed) is not None:
                     print(f"[{i + 1}/{len(todo)}] {name} {policy} seed {seed}: done, skipped", flush=True)

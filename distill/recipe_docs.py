@@ -105,7 +105,7 @@ MEANINGS: Dict[str, str] = {
     "DistillConfig.beta": "weight of the feature-level term (paper: 5)",
     "DistillConfig.temperature": "KD temperature T (paper: 4); KD is scaled by T^2",
     "DistillConfig.policy": "weighting policy: aver, ebkd, camkd, mtkd_rl, mixture",
-    "DistillConfig.policy_args": "the policy's own settings (e.g. mtkd_rl: variant, hidden, gammas, agent lr; camkd: variant published / shared)",
+    "DistillConfig.policy_args": "the policy's own settings (e.g. mtkd_rl: variant align / paper / official, gammas, divergence, agent lr, tau, kl_limit; camkd: variant published / shared; see distill/policies)",
     "OptimConfig.name": "optimiser (timm create_optimizer_v2)",
     "OptimConfig.lr": "learning rate for the global batch size",
     "OptimConfig.momentum": "SGD momentum",
