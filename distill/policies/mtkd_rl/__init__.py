@@ -107,7 +107,9 @@ Checkpoint (exact resume)
 
 Distributed
     Each rank records its own episodes; agent gradients (and running-statistic sums) are
-    all-reduced, the trust-region KL max-reduced, so every rank holds the identical agent.
+    all-reduced, the align advantages are scaled by the std of the global batch and the
+    trust-region KL is the global batch's mean, so every rank holds the identical agent,
+    the one a single process with the global batch would train.
     Ranks must record the same number of batches per period (equal shards).
 
 Metrics (``policy/<key>`` in summary.csv): ``agent_loss`` (mean over the epoch's updates),

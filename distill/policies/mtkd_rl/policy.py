@@ -284,8 +284,9 @@ class MTKDRLPolicy(WeightingPolicy):
             for entry, old in zip(entries, pi_old):
                 loss, kl = self._agent_loss(entry, old)
                 if kl is not None:
-                    if distributed():  # every rank must take the same decision
-                        dist.all_reduce(kl, op=dist.ReduceOp.MAX)
+                    if distributed():  # the global batch's mean KL: every rank takes the same decision
+                        dist.all_reduce(kl)
+                        kl = kl / dist.get_world_size()
                     self._metrics["kl"] = [float(kl), 1]
                     if float(kl) > self.kl_limit:
                         self._metrics["trust_stops"][0] += 1

@@ -12,9 +12,10 @@ advantages and policies are ``(B, M)``.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -118,15 +119,27 @@ def alignment_rewards(signals: Signals, student: StudentOutputs) -> Tuple[Tensor
     return u_l, u_f
 
 
-def advantages(rewards: Tensor) -> Tensor:
+def batch_std(rewards: Tensor) -> Tensor:
+    """Return the population std of all of ``rewards``' entries (a 0-d tensor); inside a
+    torch.distributed job, of the global batch (count, sum and sum of squares all-reduced)."""
+    u = rewards.double()
+    moments = torch.stack([u.new_tensor(float(u.numel())), u.sum(), u.pow(2).sum()])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(moments)
+    count, total, squares = moments
+    return (squares / count - (total / count).pow(2)).clamp_min(0).sqrt().float()
+
+
+def advantages(rewards: Tensor, std: Optional[Tensor] = None) -> Tensor:
     """Return ``A = (u - mean_m u) / (std_batch(u) + 1e-6)``, shape ``(B, M)``, from rewards ``(B, M)``.
 
     Centred per sample (only differences between teachers matter) and scaled by the
-    population std of all the batch's rewards, so teachers that are equally useful get
-    ``A = 0`` exactly and numerical noise is not blown up.
+    population std of all the batch's rewards (``std``, default :func:`batch_std`), so
+    teachers that are equally useful get ``A = 0`` exactly and numerical noise is not blown up.
     """
     u = rewards.float()
-    return (u - u.mean(1, keepdim=True)) / (u.std(correction=0) + ADVANTAGE_EPS)
+    scale = batch_std(u) if std is None else std
+    return (u - u.mean(1, keepdim=True)) / (scale + ADVANTAGE_EPS)
 
 
 def entropy(log_pi: Tensor) -> Tensor:
