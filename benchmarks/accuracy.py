@@ -65,8 +65,9 @@ def _overrides(mapping: Dict[str, Any]) -> List[str]:
 class Study:
     """A parsed study config: base recipes (raw mappings), policies (overrides) and seeds."""
 
-    def __init__(self, path: Path, extra: Sequence[str] = ()):
-        raw = yaml.safe_load(path.read_text()) or {}
+    def __init__(self, path: Path, extra: Sequence[str] = (), raw: Optional[Dict[str, Any]] = None):
+        """Parse the config at ``path`` (or ``raw``, its already-loaded mapping) with recipe overrides ``extra``."""
+        raw = (yaml.safe_load(path.read_text()) or {}) if raw is None else raw
         unknown = set(raw) - {"name", "description", "seeds", "recipes", "policies", "reference", "output_dir"}
         if unknown:
             raise DistillError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")

@@ -118,14 +118,7 @@ class DiscriminationStudy(accuracy.Study):
                     raise DistillError(f"{path}: recipe {name!r}: corrupt must map teacher indices to one of "
                                        f"{', '.join(KINDS)}; bad entries {bad}")
                 self.corruptions[name] = dict(spec)
-        tmp = path.with_name(f".{path.stem}.resolved.yaml")
-        tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
-        try:
-            super().__init__(tmp, extra)
-        finally:
-            tmp.unlink()
-        self.name = str(raw.get("name") or path.stem)
-        self.output_dir = Path(raw.get("output_dir") or f"runs/accuracy/{self.name}")
+        super().__init__(path, extra, raw)
 
     def make_runner(self, name: str, recipe):
         from distill.pipeline import RecipeRunner

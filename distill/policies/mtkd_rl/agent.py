@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...distributed import is_distributed
 from ...signals import Signals, TeacherOutputs
 
 _VAR_EPS = 1e-5
@@ -22,11 +23,6 @@ def build_state(signals: Signals, teachers: TeacherOutputs) -> Tensor:
                   signals.teacher_ce[m].detach().float().unsqueeze(1), signals.cos[m].detach().float().unsqueeze(1),
                   signals.kl[m].detach().float().unsqueeze(1)]
     return torch.cat(parts, dim=1)
-
-
-def distributed() -> bool:
-    """Return True inside a multi-process torch.distributed job."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class MTKDAgent(nn.Module):
@@ -83,7 +79,7 @@ class MTKDAgent(nn.Module):
     def commit(self) -> None:
         """Fold the pending statistics into the totals and refresh the normaliser."""
         pending = [self.pend_count, self.pend_sum, self.pend_sumsq]
-        if distributed():
+        if is_distributed():
             for t in pending:
                 dist.all_reduce(t)
         self.stat_count += self.pend_count

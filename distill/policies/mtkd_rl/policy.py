@@ -13,13 +13,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ...distributed import is_distributed
 from ...errors import DistillError
 from ...signals import Signals, StudentOutputs, TeacherOutputs
 from ..base import Weights, WeightingPolicy, register_policy
 from ..camkd import confidence_weights
 from .action import divergence_weights, floored, fuse, gated_divergence, parse_gammas
 from .args import BUFFER_DTYPES, VARIANT_DEFAULTS, check_mtkd_args
-from .agent import MTKDAgent, build_state, distributed
+from .agent import MTKDAgent, build_state
 from .buffer import EpisodeBuffer, to_host
 from . import rewards as R
 
@@ -284,7 +285,7 @@ class MTKDRLPolicy(WeightingPolicy):
             for entry, old in zip(entries, pi_old):
                 loss, kl = self._agent_loss(entry, old)
                 if kl is not None:
-                    if distributed():  # the global batch's mean KL: every rank takes the same decision
+                    if is_distributed():  # the global batch's mean KL: every rank takes the same decision
                         dist.all_reduce(kl)
                         kl = kl / dist.get_world_size()
                     self._metrics["kl"] = [float(kl), 1]
@@ -293,7 +294,7 @@ class MTKDRLPolicy(WeightingPolicy):
                         break
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if distributed():
+                if is_distributed():
                     world = dist.get_world_size()
                     for p in params:
                         if p.grad is not None:

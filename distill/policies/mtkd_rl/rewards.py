@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...distributed import is_distributed
 from ...signals import Signals, StudentOutputs
 from ..base import Weights
 
@@ -124,7 +125,7 @@ def batch_std(rewards: Tensor) -> Tensor:
     torch.distributed job, of the global batch (count, sum and sum of squares all-reduced)."""
     u = rewards.double()
     moments = torch.stack([u.new_tensor(float(u.numel())), u.sum(), u.pow(2).sum()])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(moments)
     count, total, squares = moments
     return (squares / count - (total / count).pow(2)).clamp_min(0).sqrt().float()
