@@ -158,6 +158,22 @@ def test_logit_reward_is_the_gradient_cosine_of_the_spec():
     assert feature.grad is not None
 
 
+def test_feature_reward_is_zero_where_the_ce_does_not_read_the_feature():
+    # a class-token ViT tapped at last_map: the feature (patch tokens) is not on the CE's path
+    torch.manual_seed(0)
+    tokens = torch.randn(4, 5, 6, requires_grad=True)  # class token + 4 patch tokens
+    logits = nn.Linear(6, 3)(tokens[:, 0])
+    feature = tokens[:, 1:]
+    projected = [nn.Linear(6, 6)(feature) for _ in range(2)]
+    student = StudentOutputs(logits, feature, projected)
+    targets = [torch.randn(4, 4, 6) for _ in range(2)]
+    signals = compute_signals(student, TeacherOutputs(torch.randn(2, 4, 3), targets, targets),
+                              torch.tensor([0, 1, 2, 0]), 4.0)
+    u_l, u_f = alignment_rewards(signals, student)
+    assert torch.equal(u_f, torch.zeros(4, 2)) and u_l.abs().sum() > 0
+    assert torch.equal(advantages(u_f), torch.zeros(4, 2))
+
+
 def test_advantages_and_objective_bound_and_optimum():
     u = torch.tensor([[0.5, 0.1, -0.3], [0.2, 0.2, 0.2]])
     a = advantages(u)

@@ -88,7 +88,9 @@ def _per_teacher_grad_cosine(reference: Tensor, terms: Tensor, wrt: Tensor) -> T
     only sample i's losses depend on (student logits, the tapped feature), so the gradient of
     a batch sum is the per-sample gradient.
     """
-    (ref,) = torch.autograd.grad(reference.sum(), wrt, retain_graph=True)
+    (ref,) = torch.autograd.grad(reference.sum(), wrt, retain_graph=True, allow_unused=True)
+    if ref is None:  # the reference does not depend on `wrt`: no term can help it through `wrt`
+        return terms.new_zeros(terms.shape[1], terms.shape[0]).float()
     ref = ref.detach().float().flatten(1)
     cols = []
     for term in terms:
@@ -109,6 +111,9 @@ def alignment_rewards(signals: Signals, student: StudentOutputs) -> Tuple[Tensor
     ``cos(p_S - y, p_S^T - p_Tm^T)``; soft targets replace ``y`` under mixup) and
     ``u_f = cos(grad_f CE, grad_f FEAT_m)`` on the student's tapped feature ``f`` (through the
     student's head and projector m). Needs the step's autograd graph (called before backward).
+    Where the student's CE does not depend on the tapped feature (a class-token ViT tapped at
+    ``last_map``: its head reads the class token, the feature is the patch tokens) ``u_f = 0``
+    for every teacher, so the feature-level advantages are 0 and that policy stays uniform.
     """
     for name, t in (("logits", student.logits), ("feature", student.feature)):
         if not t.requires_grad:
