@@ -48,6 +48,34 @@ KINDS = ("shift", "noise_feature", "blind")
 BLIND_PERIOD = 4
 
 
+class CorruptedLogits(nn.Module):
+    """Logits ``(B, C)`` of a ``shift`` or ``blind`` teacher from its clean logits ``(B, C)``."""
+
+    def __init__(self, kind: str, blind: Tensor):
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("blind", blind, persistent=False)
+
+    def forward(self, logits: Tensor) -> Tensor:
+        if self.kind == "shift":
+            return logits.roll(1, dims=-1)
+        wrong = self.blind[logits.argmax(-1)]
+        return torch.where(wrong.unsqueeze(-1), logits.roll(1, dims=-1), logits)
+
+
+class CorruptedClassifier(nn.Module):
+    """The clean classifier followed by :class:`CorruptedLogits`: what ``get_classifier()``
+    returns, so that every path to the logits (the tap's split head, CA-MKD's head on a
+    projected feature) sees the same corruption."""
+
+    def __init__(self, classifier: nn.Module, corrupt: CorruptedLogits):
+        super().__init__()
+        self.classifier, self.corrupt = classifier, corrupt
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.corrupt(self.classifier(x))
+
+
 class CorruptedModel(nn.Module):
     """A frozen timm classifier with a known corruption (see the module docstring).
 
@@ -64,29 +92,30 @@ class CorruptedModel(nn.Module):
         self.num_classes = inner.num_classes
         self.pretrained_cfg = getattr(inner, "pretrained_cfg", {})
         classes = torch.arange(inner.num_classes)
-        self.register_buffer("blind", (classes % BLIND_PERIOD) == index % BLIND_PERIOD, persistent=False)
-        self._real: Optional[Tensor] = None  # noise_feature: the real map behind the noise
+        blind = (classes % BLIND_PERIOD) == index % BLIND_PERIOD
+        self.corrupt = CorruptedLogits(kind, blind) if kind in ("shift", "blind") else None
+        # noise_feature: the last noise map handed out and the real map behind it
+        self._noise: Optional[Tensor] = None
+        self._real: Optional[Tensor] = None
 
     def get_classifier(self) -> nn.Module:
-        return self.inner.get_classifier()
+        classifier = self.inner.get_classifier()
+        return CorruptedClassifier(classifier, self.corrupt) if self.corrupt is not None else classifier
 
     def forward_features(self, x: Tensor) -> Tensor:
         real = self.inner.forward_features(x)
         if self.kind != "noise_feature":
             return real
-        self._real = real  # forward_head, called next on the same batch, uses the real map
-        return torch.sin(1000.0 * real)
+        self._real, self._noise = real, torch.sin(1000.0 * real)
+        return self._noise
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.kind == "noise_feature":
-            x = self._real
+        if self.kind == "noise_feature" and x is self._noise:
+            x = self._real  # this model's own forward: its head reads the real map behind the noise
         out = self.inner.forward_head(x, pre_logits=pre_logits)
-        if pre_logits or self.kind == "noise_feature":
+        if pre_logits or self.corrupt is None:
             return out
-        if self.kind == "shift":
-            return out.roll(1, dims=-1)
-        wrong = self.blind[out.argmax(-1)]
-        return torch.where(wrong.unsqueeze(-1), out.roll(1, dims=-1), out)
+        return self.corrupt(out)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
