@@ -39,6 +39,12 @@ def _guarded(main: Callable[[List[str]], int]) -> Callable[[Optional[List[str]]]
     return entry
 
 
+def _add_offline(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    """Add ``--offline`` / ``--no-download`` (one flag, two names): no network for weights, the Hub and data."""
+    parser.add_argument("--offline", "--no-download", dest="offline", action="store_true",
+                        help="no network: weights, Hub models and datasets from local files and caches only" + extra)
+
+
 def _train(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="distill-train", description="Distil a student from a pool of teachers as a recipe says.")
@@ -48,28 +54,30 @@ def _train(argv: List[str]) -> int:
     parser.add_argument("--output-dir", help="run directory (default: the recipe's output_dir or runs/<name>)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build every model and run one step on a synthetic batch; no data needed, nothing written")
-    parser.add_argument("--offline", action="store_true",
-                        help="with --dry-run: local caches only; unreachable weights become random init")
+    _add_offline(parser, "; with --dry-run unreachable weights become random init")
     args = parser.parse_intermixed_args(argv)
 
+    import contextlib
+
+    from .fetch import offline
     from .pipeline import RecipeRunner
     from .recipe import load_recipe
+    from .runlock import run_lock
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    if args.offline and not args.dry_run:
-        parser.error("--offline only applies to --dry-run")
     if args.dry_run:
         from .dryrun import dry_run
 
         print(dry_run(load_recipe(args.recipe, overrides, check_data=False), offline=args.offline).table())
         return 0
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, overrides + (["data.download=false"] if args.offline else []))
     from . import distributed
 
     distributed.init_from_env(recipe.run.device)  # under torchrun: DDP (gloo on CPU, nccl on CUDA)
     main = distributed.is_main()
-    try:
-        report = RecipeRunner(recipe, resume=args.resume).run()
+    try:  # one run per directory (rank 0 holds the lock for all ranks)
+        with run_lock(recipe.run_dir) if main else contextlib.nullcontext(), offline(args.offline):
+            report = RecipeRunner(recipe, resume=args.resume).run()
     finally:
         distributed.shutdown()
     if main:
@@ -90,31 +98,38 @@ def _eval(argv: List[str]) -> int:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--subset", type=int, help="evaluate on N class-balanced images")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading the dataset")
+    _add_offline(parser)
     args = parser.parse_args(argv)
 
     import torch
 
+    from .classes import fit_class_count
     from .data import DATASETS, build_data, build_loader
     from .engine import evaluate, resolve_device
     from .errors import DistillError, close_matches
+    from .fetch import offline
     from .recipe import DataConfig
     from .registry import resolve_model
 
     if args.dataset not in DATASETS:
         raise DistillError(f"--dataset: unknown dataset {args.dataset!r}{close_matches(args.dataset, DATASETS)}")
-    resolved = resolve_model(args.spec, pretrained=not args.no_pretrained and args.weights is None,
-                             weights=args.weights, where="spec")
-    cfg = DataConfig(dataset=args.dataset, root=args.data_dir, download=not args.no_download, augment="none",
-                     num_workers=args.num_workers, val_subset=args.subset)
-    if resolved.data is not None:
-        cfg.mean, cfg.std = list(resolved.data.mean), list(resolved.data.std)
-        if args.dataset == "imagefolder":
-            cfg.input_size = resolved.data.input_size[-1]
-    bundle = build_data(cfg)
+    for name in ("batch_size", "num_workers", "subset"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "num_workers" else 1):
+            raise DistillError(f"--{name.replace('_', '-')}: bad value {value}")
+    with offline(args.offline):
+        resolved = resolve_model(args.spec, pretrained=not args.no_pretrained and args.weights is None,
+                                 weights=args.weights, num_classes=DATASETS[args.dataset].num_classes,
+                                 in_chans=DATASETS[args.dataset].channels, where="spec")
+        cfg = DataConfig(dataset=args.dataset, root=args.data_dir, download=not args.offline, augment="none",
+                         num_workers=args.num_workers, val_subset=args.subset)
+        if resolved.data is not None:
+            cfg.mean, cfg.std = list(resolved.data.mean), list(resolved.data.std)
+            if args.dataset == "imagefolder":
+                cfg.input_size = resolved.data.input_size[-1]
+        bundle = build_data(cfg)
     model = resolved.model
-    if model.num_classes != bundle.num_classes:
-        raise DistillError(f"{args.spec} predicts {model.num_classes} classes but {args.dataset} has {bundle.num_classes}")
+    fit_class_count(model, bundle.num_classes, args.spec, args.dataset, trained_here=False, weights_file=args.weights)
     device = resolve_device(args.device)
     model.to(device).eval()
     loader = build_loader(bundle.val, args.batch_size, False, args.num_workers, 0)
