@@ -304,7 +304,8 @@ def push_run(run_dir: Union[str, Path], repo_id: str, *, private: bool = False, 
     """Upload run ``run_dir``'s student to the Hub repository ``repo_id``; return the commit URL.
 
     Creates the repository if needed (``private`` applies only then) and the branch
-    ``revision`` if given and missing. Files are prepared in a temporary folder, so the run
+    ``revision`` if given and missing. The commit leaves the branch holding exactly the
+    exported files: files of an earlier upload that this one lacks are deleted in the same commit. Files are prepared in a temporary folder, so the run
     directory is never written to; any failure is a one-line DistillError saying which step
     failed.
     """
@@ -327,8 +328,10 @@ def push_run(run_dir: Union[str, Path], repo_id: str, *, private: bool = False, 
                 step = f"creating branch {revision!r}"
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             step = "uploading the files"
+            # delete_patterns: the commit also removes every file of an earlier upload that this one does
+            # not carry (a stale weights.png, other weights), so readers never load a mix of two uploads
             info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                                     commit_message=message)
+                                     commit_message=message, delete_patterns="*")
         except Exception as exc:  # HTTP errors, offline mode, no token, network: one line, nothing written
             raise DistillError(f"push to {repo_id} failed while {step} ({_one_line(exc)}); "
                                "the run directory is unchanged") from None
