@@ -60,7 +60,6 @@ def _train(argv: List[str]) -> int:
     import contextlib
 
     from .fetch import offline
-    from .pipeline import RecipeRunner
     from .recipe import load_recipe
     from .runlock import run_lock
 
@@ -72,6 +71,7 @@ def _train(argv: List[str]) -> int:
         return 0
     recipe = load_recipe(args.recipe, overrides + (["data.download=false"] if args.offline else []))
     from . import distributed
+    from .pipeline import RecipeRunner
 
     distributed.init_from_env(recipe.run.device)  # under torchrun: DDP (gloo on CPU, nccl on CUDA)
     main = distributed.is_main()

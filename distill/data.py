@@ -345,7 +345,8 @@ def _build_images(cfg: Any, info: DatasetInfo) -> DataBundle:
         elif cfg.download and not is_offline():
             train, val = _torchvision_cifar(info, root, train_tf, eval_tf, download=True)
         else:
-            off = "data.download is false" if not cfg.download else "downloads are off (--offline / HF_HUB_OFFLINE)"
+            off = "downloads are off (--offline / --no-download / HF_HUB_OFFLINE)" if is_offline() \
+                else "data.download is false"
             raise DistillError(f"data.root: no {info.label} data in {root} and {off}; "
                                f"put {layouts} there, or allow the download")
 
