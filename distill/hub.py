@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from .errors import DistillError
+from .fileio import read_json
 
 HUB_FILES = ("config.json", "model.safetensors", "README.md")
 PLOT_FILE = "weights.png"
@@ -70,10 +71,10 @@ def check_repo_id(repo_id: str, where: str = "--repo-id") -> str:
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DistillError(f"{path}: cannot read ({exc})") from None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DistillError(f"{path}: not a JSON object")
+    return data
 
 
 class _Run:

@@ -248,3 +248,37 @@ def test_class_counts_of_weights_and_data_disagree(tmp_path, capsys):
     raw["schedule"]["epochs"] = 1
     recipe.write_text(yaml.safe_dump(raw))
     assert cli.train_main([str(recipe), "run.device=cpu"]) == 0  # a fresh 3-class head, the rest from the file
+
+
+# ----------------------------------------------------------------------------- Ctrl-C with DataLoader workers
+
+
+class _WorkerPids(torch.utils.data.Dataset):
+    """64 items, each the pid of the process that loaded it."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        return torch.tensor([os.getpid()]), 0
+
+
+def _interrupt_workers_midway(loader) -> int:
+    """Send SIGINT to the loader's workers (as Ctrl-C does to the whole process group under torchrun)
+    after two batches; return how many batches arrived in all."""
+    batches = iter(loader)
+    first = [next(batches)[0], next(batches)[0]]
+    for pid in {int(p) for b in first for p in b.flatten()}:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    return 2 + sum(1 for _ in batches)
+
+
+def test_dataloader_workers_ignore_ctrl_c():
+    from torch.utils.data import DataLoader
+
+    from distill.data import build_loader
+
+    assert _interrupt_workers_midway(build_loader(_WorkerPids(), 4, False, 2, 0)) == 16  # the main process decides
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):  # without the worker init: the workers die
+        _interrupt_workers_midway(DataLoader(_WorkerPids(), batch_size=4, num_workers=2))
