@@ -106,9 +106,10 @@ def _resolve(cfg, where: str, num_classes: int, in_chans: int, offline: bool, da
         note = f"trained here ({cfg.train.epochs} epochs) from {note}"
     fit_class_count(resolved.model, num_classes, where.rsplit(".", 1)[0], dataset,
                     trained_here=trained_here or where == "student.model", weights_file=cfg.weights)
-    if cfg.weights and not trained_here:  # where its normalisation comes from
+    if cfg.weights and not trained_here and where != "student.model":  # a frozen teacher: whose mean/std
         mean_from = "the recipe" if getattr(cfg, "mean", None) is not None else \
-            f"the file's config ({resolved.source['data_config']})" if resolved.data is not None else \
+            f"the file's config ({resolved.source.get('data_config', 'its distill metadata')})" \
+            if resolved.data is not None else \
             "the dataset (the file carries none)"
         note += f", mean/std from {mean_from}"
     return resolved, note

@@ -30,6 +30,7 @@ import zoo  # noqa: F401  (registers the zoo's architectures into timm)
 from .checkpoint import STUDENT_PREFIX, load_tensors, read_metadata, split_prefix
 from .errors import DistillError, RecipeError, close_matches
 from .fetch import require_local_weights, weight_download
+from .fileio import check_readable
 from .manifest import content_hash
 from .paths import weights_dir
 
@@ -77,8 +78,11 @@ def _is_run_dir(path: Path) -> bool:
 
 def check_spec(spec: str, where: str, weights: Optional[str] = None) -> None:
     """Raise RecipeError (naming ``where``) if ``spec`` cannot name a model; no model is built."""
-    if weights is not None and not Path(weights).is_file():
-        raise RecipeError(where.rsplit(".", 1)[0] + ".weights", f"file not found: {weights}")
+    if weights is not None:
+        try:
+            check_readable(weights, "weights file")
+        except DistillError as exc:
+            raise RecipeError(where.rsplit(".", 1)[0] + ".weights", str(exc)) from None
     if spec.startswith("hf-hub:"):
         parse_hub_spec(spec, where)
         return

@@ -1,4 +1,4 @@
-"""One ``distill-train`` per run directory: an OS lock (``fcntl.flock``) on ``<run_dir>/.lock``.
+"""One ``distill-train`` per run directory: an OS lock (``fcntl.flock``) on ``<run_dir>/run.lock``.
 
 The kernel drops the lock when the holder exits, crashed or not, so a lock never goes
 stale; the file only records the holder's pid for the message a second run prints::
@@ -18,7 +18,7 @@ from typing import Iterator, Union
 from .errors import DistillError
 from .fileio import ensure_dir
 
-LOCK_FILE = ".lock"
+LOCK_FILE = "run.lock"  # stays in the folder: the lock is on the open file, not its existence
 
 
 @contextlib.contextmanager
