@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import DistillError
+from .fileio import check_readable, check_write_fault, read_text, write_error
 
 STUDENT_PREFIX = "student."
 _TENSOR_REF = "__tensor__"
@@ -66,19 +67,27 @@ def unflatten_state(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
 
 
 def _write_temp(path: Path, write) -> str:
-    """Write a synced temporary file beside ``path`` through ``write(tmp_path)``; return its path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    """Write a synced temporary file beside ``path`` through ``write(tmp_path)``; return its path.
+
+    A failed write (full disk, permission) is a DistillError naming ``path``; nothing is left behind.
+    """
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from other users
+        check_write_fault(path)
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
         raise
     return tmp
 
@@ -160,6 +169,7 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
     """Return the metadata header of a safetensors file (no tensor is read)."""
     from safetensors import safe_open
 
+    check_readable(path, "safetensors file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
@@ -169,6 +179,7 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
 
 def load_tensors(path: Union[str, Path], device: str = "cpu") -> Dict[str, torch.Tensor]:
     """Return all tensors of a safetensors file; a corrupt file is a DistillError naming it."""
+    check_readable(path, "safetensors file")
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -182,8 +193,8 @@ def load_checkpoint(stem: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
     if not json_path.is_file():
         raise DistillError(f"{json_path}: checkpoint file not found")
     try:
-        raw = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = json.loads(read_text(json_path, "checkpoint state"))
+    except json.JSONDecodeError as exc:
         raise DistillError(f"{json_path}: corrupt checkpoint state ({exc})") from None
     if not isinstance(raw, dict):
         raise DistillError(f"{json_path}: corrupt checkpoint state (not a JSON object)")

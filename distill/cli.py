@@ -39,8 +39,23 @@ def _guarded(main: Callable[[List[str]], int]) -> Callable[[Optional[List[str]]]
     return entry
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are DistillErrors: one line naming the argument, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from .errors import DistillError
+
+        raise DistillError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_offline(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    """Add ``--offline`` / ``--no-download`` (one flag, two names): no network for weights, the Hub and data."""
+    parser.add_argument("--offline", "--no-download", dest="offline", action="store_true",
+                        help="no network: weights, Hub models and datasets from local files and caches only" + extra)
+
+
 def _train(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="distill-train", description="Distil a student from a pool of teachers as a recipe says.")
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1 schedule.epochs=10")
@@ -48,28 +63,30 @@ def _train(argv: List[str]) -> int:
     parser.add_argument("--output-dir", help="run directory (default: the recipe's output_dir or runs/<name>)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build every model and run one step on a synthetic batch; no data needed, nothing written")
-    parser.add_argument("--offline", action="store_true",
-                        help="with --dry-run: local caches only; unreachable weights become random init")
+    _add_offline(parser, "; with --dry-run unreachable weights become random init")
     args = parser.parse_intermixed_args(argv)
 
-    from .pipeline import RecipeRunner
+    import contextlib
+
+    from .fetch import offline
     from .recipe import load_recipe
+    from .runlock import run_lock
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    if args.offline and not args.dry_run:
-        parser.error("--offline only applies to --dry-run")
     if args.dry_run:
         from .dryrun import dry_run
 
         print(dry_run(load_recipe(args.recipe, overrides, check_data=False), offline=args.offline).table())
         return 0
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, overrides + (["data.download=false"] if args.offline else []))
     from . import distributed
+    from .pipeline import RecipeRunner
 
     distributed.init_from_env(recipe.run.device)  # under torchrun: DDP (gloo on CPU, nccl on CUDA)
     main = distributed.is_main()
-    try:
-        report = RecipeRunner(recipe, resume=args.resume).run()
+    try:  # one run per directory (rank 0 holds the lock for all ranks)
+        with run_lock(recipe.run_dir) if main else contextlib.nullcontext(), offline(args.offline):
+            report = RecipeRunner(recipe, resume=args.resume).run()
     finally:
         distributed.shutdown()
     if main:
@@ -78,8 +95,9 @@ def _train(argv: List[str]) -> int:
     return 0
 
 
-def _eval(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(
+def parse_eval_args(argv: List[str]) -> argparse.Namespace:
+    """Return ``distill-eval``'s checked arguments; a bad one is a DistillError naming it."""
+    parser = _Parser(
         prog="distill-eval", description="Evaluate a run, checkpoint or any resolvable model on a test split.")
     parser.add_argument("spec", help="run directory, checkpoint .safetensors, timm / zoo name, hf-hub:..., local-dir:...")
     parser.add_argument("--dataset", required=True, help="digits | cifar10 | cifar100 | imagefolder")
@@ -90,31 +108,51 @@ def _eval(argv: List[str]) -> int:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--subset", type=int, help="evaluate on N class-balanced images")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading the dataset")
+    _add_offline(parser)
     args = parser.parse_args(argv)
 
-    import torch
-
-    from .data import DATASETS, build_data, build_loader
-    from .engine import evaluate, resolve_device
+    from .data import DATASETS
     from .errors import DistillError, close_matches
-    from .recipe import DataConfig
-    from .registry import resolve_model
 
     if args.dataset not in DATASETS:
         raise DistillError(f"--dataset: unknown dataset {args.dataset!r}{close_matches(args.dataset, DATASETS)}")
-    resolved = resolve_model(args.spec, pretrained=not args.no_pretrained and args.weights is None,
-                             weights=args.weights, where="spec")
-    cfg = DataConfig(dataset=args.dataset, root=args.data_dir, download=not args.no_download, augment="none",
-                     num_workers=args.num_workers, val_subset=args.subset)
-    if resolved.data is not None:
-        cfg.mean, cfg.std = list(resolved.data.mean), list(resolved.data.std)
-        if args.dataset == "imagefolder":
-            cfg.input_size = resolved.data.input_size[-1]
-    bundle = build_data(cfg)
+    for name in ("batch_size", "num_workers", "subset"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "num_workers" else 1):
+            raise DistillError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'num_workers' else 1}, "
+                               f"got {value}")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise DistillError(f"--device: {args.device!r} is not auto, cpu, cuda or cuda:N")
+    if args.weights is not None and args.no_pretrained:
+        raise DistillError("--no-pretrained: contradicts --weights (a weights file is loaded, not random init)")
+    return args
+
+
+def _eval(argv: List[str]) -> int:
+    args = parse_eval_args(argv)
+
+    import torch
+
+    from .classes import fit_class_count
+    from .data import DATASETS, build_data, build_loader
+    from .engine import evaluate, resolve_device
+    from .fetch import offline
+    from .recipe import DataConfig
+    from .registry import resolve_model
+
+    with offline(args.offline):
+        resolved = resolve_model(args.spec, pretrained=not args.no_pretrained and args.weights is None,
+                                 weights=args.weights, num_classes=DATASETS[args.dataset].num_classes,
+                                 in_chans=DATASETS[args.dataset].channels, where="spec")
+        cfg = DataConfig(dataset=args.dataset, root=args.data_dir, download=not args.offline, augment="none",
+                         num_workers=args.num_workers, val_subset=args.subset)
+        if resolved.data is not None:
+            cfg.mean, cfg.std = list(resolved.data.mean), list(resolved.data.std)
+            if args.dataset == "imagefolder":
+                cfg.input_size = resolved.data.input_size[-1]
+        bundle = build_data(cfg)
     model = resolved.model
-    if model.num_classes != bundle.num_classes:
-        raise DistillError(f"{args.spec} predicts {model.num_classes} classes but {args.dataset} has {bundle.num_classes}")
+    fit_class_count(model, bundle.num_classes, args.spec, args.dataset, trained_here=False, weights_file=args.weights)
     device = resolve_device(args.device)
     model.to(device).eval()
     loader = build_loader(bundle.val, args.batch_size, False, args.num_workers, 0)
@@ -126,7 +164,7 @@ def _eval(argv: List[str]) -> int:
 
 
 def _zoo(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="distill-zoo", description="List the zoo's models and teacher pools.")
+    parser = _Parser(prog="distill-zoo", description="List the zoo's models and teacher pools.")
     parser.add_argument("what", nargs="?", choices=("models", "pools", "all"), default="all")
     args = parser.parse_args(argv)
 
@@ -150,7 +188,7 @@ def _zoo(argv: List[str]) -> int:
 
 
 def _plot(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="distill-plot", description="Draw a run's teacher weights and val top-1 per epoch to RUN_DIR/weights.png.")
     parser.add_argument("run_dir", help="a run directory holding summary.csv")
     args = parser.parse_args(argv)
@@ -161,8 +199,9 @@ def _plot(argv: List[str]) -> int:
     return 0
 
 
-def _push(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(
+def parse_push_args(argv: List[str]) -> argparse.Namespace:
+    """Return ``distill-push``'s checked arguments; a bad one is a DistillError naming it."""
+    parser = _Parser(
         prog="distill-push",
         description="Share a run's distilled student on the Hugging Face Hub in timm's layout (config.json, "
                     "model.safetensors, README.md model card, weights.png if drawn). The token comes from the "
@@ -176,16 +215,26 @@ def _push(argv: List[str]) -> int:
     args = parser.parse_args(argv)
 
     from .errors import DistillError
-    from .hub import check_repo_id, export_run, push_run
+    from .hub import check_repo_id
 
     if args.repo_id is not None:
         check_repo_id(args.repo_id)
+    if args.local_dir is None and args.repo_id is None:
+        raise DistillError("--repo-id: give --repo-id ORG/NAME to upload, or --local-dir DIR to only write the files")
+    if args.revision is not None and not args.revision.strip():
+        raise DistillError("--revision: an empty branch name")
+    return args
+
+
+def _push(argv: List[str]) -> int:
+    args = parse_push_args(argv)
+
+    from .hub import export_run, push_run
+
     if args.local_dir is not None:
         files = export_run(args.run_dir, args.local_dir, args.checkpoint, args.repo_id)
         print(f"wrote {', '.join(p.name for p in files)} to {args.local_dir}")
         return 0
-    if args.repo_id is None:
-        raise DistillError("give --repo-id ORG/NAME to upload, or --local-dir DIR to only write the files")
     url = push_run(args.run_dir, args.repo_id, private=args.private, revision=args.revision,
                    checkpoint=args.checkpoint)
     print(f"pushed the {args.checkpoint} student of {args.run_dir} to {args.repo_id}: {url}")

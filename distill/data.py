@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset, get_worker_info
 
 from .errors import DistillError
+from .fetch import dataset_hint, is_offline
 from .paths import datasets_dir
 
 SPLIT_SEED = 0  # the digits train/test split
@@ -341,11 +342,13 @@ def _build_images(cfg: Any, info: DatasetInfo) -> DataBundle:
             train, val = tree
         elif (root / info.torchvision_folder).is_dir():
             train, val = _torchvision_cifar(info, root, train_tf, eval_tf, download=False)
-        elif cfg.download:
+        elif cfg.download and not is_offline():
             train, val = _torchvision_cifar(info, root, train_tf, eval_tf, download=True)
         else:
-            raise DistillError(f"data.root: no {info.label} data in {root} and data.download is false; "
-                               f"put {layouts} there, or set data.download=true")
+            off = "downloads are off (--offline / --no-download / HF_HUB_OFFLINE)" if is_offline() \
+                else "data.download is false"
+            raise DistillError(f"data.root: no {info.label} data in {root} and {off}; "
+                               f"put {layouts} there, or allow the download")
 
     classes = list(train.classes)
     if info.num_classes is None and getattr(cfg, "num_classes", None) and len(classes) != cfg.num_classes:
@@ -432,7 +435,8 @@ def _torchvision_cifar(info: DatasetInfo, root: Path, train_tf: Callable, eval_t
         val = cls(str(root), train=False, transform=eval_tf, download=download)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; RuntimeError: not found or corrupted
         what = "download" if download else "read"
-        raise DistillError(f"data.root: cannot {what} {info.label} in {root}: {exc}") from None
+        hint = f"; {dataset_hint(info.label, root)}" if download else ""
+        raise DistillError(f"data.root: cannot {what} {info.label} in {root}: {exc}{hint}") from None
     return train, val
 
 
@@ -566,7 +570,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
     engine does that, and also seeds the global torch RNG per epoch for model-side
     randomness; the workers' base seeds derive from it but the data no longer depends on
     them). ``pin_memory`` is on when CUDA is available; workers persist across epochs
-    when ``num_workers > 0``.
+    when ``num_workers > 0``; they ignore SIGINT (:func:`ignore_interrupts`).
     """
     if train:
         inner = sampler if sampler is not None else EpochSampler(len(dataset), shuffle=True, seed=seed)
@@ -579,4 +583,12 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
         drop_last = False
     return DataLoader(loader_dataset, batch_size=batch_size, sampler=loader_sampler, num_workers=num_workers,
                       drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=ignore_interrupts)
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT, so Ctrl-C (sent to the whole process group,
+    e.g. under torchrun) reaches only the main process, which stops cleanly and ends the workers."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

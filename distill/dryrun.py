@@ -19,12 +19,9 @@ Memory per step is *measured*:
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -32,13 +29,17 @@ from . import distributed
 from .data import DATASETS, build_mixup
 from .distiller import Distiller
 from .engine import build_optimizer, build_scheduler, mix_batch, resolve_device, seed_everything
+from .classes import fit_class_count
 from .errors import DistillError
+from .fetch import offline as hub_offline
+from .fetch import weights_reachable_offline
 from .pipeline import make_teacher
 from .policies import build_policy
 from .recipe import Recipe, teacher_configs
 from .registry import DataSpec, ResolvedModel, _data_spec, count_params, resolve_model
 from .taps import parse_feature_tap
 from .teachers import TeacherPool
+from .weightfile import label
 
 # training-split sizes used for the step count
 TRAIN_SIZES = {"digits": 1438, "cifar10": 50_000, "cifar100": 50_000, "imagefolder": 1_281_167}
@@ -64,27 +65,6 @@ class DryRunReport:
         return "\n".join(f"{k:<{width}}{v}" for k, v in self.lines)
 
 
-@contextlib.contextmanager
-def hub_offline(enabled: bool) -> Iterator[None]:
-    """Put huggingface_hub (and so timm's downloads) in offline mode: local cache only."""
-    if not enabled:
-        yield
-        return
-    from huggingface_hub import constants
-
-    saved_env, saved = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-        if saved_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved_env
-
-
 def data_spec(recipe: Recipe) -> Tuple[DataSpec, int]:
     """Return the recipe's data spec and class count without reading the dataset."""
     cfg = recipe.data
@@ -100,48 +80,21 @@ def data_spec(recipe: Recipe) -> Tuple[DataSpec, int]:
     return DataSpec((info.channels, size, size), tuple(mean), tuple(std)), num_classes
 
 
-def weights_reachable_offline(spec: str) -> Optional[bool]:
-    """Return whether a timm ``arch.tag``'s pretrained weights are in a local cache.
-
-    False when they are certainly not (so an offline dry run skips the doomed download and
-    builds the model once); None when that cannot be told (Hub specs, files: just try).
-    """
-    import timm
-    from timm.models import get_pretrained_cfg
-
-    from .paths import weights_dir
-
-    if spec.startswith(("hf-hub:", "local-dir:")) or "/" in spec or not timm.is_model(spec):
-        return None
-    cfg = get_pretrained_cfg(spec)
-    if cfg is None:
-        return None
-    if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-        if any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, n), str) for n in names):
-            return True
-    for url in (cfg.url, cfg.file):
-        if url and (Path(url).is_file() or any((d / Path(url).name).is_file()
-                                               for d in (weights_dir(), Path(torch.hub.get_dir()) / "checkpoints"))):
-            return True
-    return False
-
-
 def _resolve(cfg, where: str, num_classes: int, in_chans: int, offline: bool, data: DataSpec,
-             trained_here: bool) -> Tuple[ResolvedModel, str]:
+             trained_here: bool, dataset: str) -> Tuple[ResolvedModel, str]:
     """Return a model as the real run would have it, and a note on where its weights came from."""
     import timm
 
-    note = "pretrained" if cfg.pretrained or cfg.weights else "random init"
+    note = f"weights file {label(cfg.model, cfg.weights)}" if cfg.weights else \
+        "pretrained" if cfg.pretrained else "random init"
     try:
         if offline and cfg.pretrained and not cfg.weights and weights_reachable_offline(cfg.model) is False:
             raise DistillError(f"{where}: {cfg.model}: weights not in the local cache")
         resolved = resolve_model(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights,
-                                 num_classes=num_classes, in_chans=in_chans, model_args=cfg.model_args, where=where)
+                                 num_classes=num_classes, in_chans=in_chans, model_args=cfg.model_args, where=where,
+                                 new_keys=cfg.new_keys)
     except Exception as exc:  # weights unreachable (offline): random init, pretrained cfg kept
-        if not offline or not (cfg.pretrained or cfg.weights):
+        if not offline or not cfg.pretrained or cfg.weights:  # a weights file is local: its errors stand
             raise
         model = timm.create_model(cfg.model, pretrained=False, **cfg.model_args)
         resolved = ResolvedModel(model, cfg.model.split(".")[0], _data_spec(model),
@@ -151,8 +104,14 @@ def _resolve(cfg, where: str, num_classes: int, in_chans: int, offline: bool, da
     if trained_here:  # trained on the recipe's data first: it sees the data as is
         resolved.data = data
         note = f"trained here ({cfg.train.epochs} epochs) from {note}"
-    if resolved.model.num_classes != num_classes and (trained_here or where == "student.model"):
-        resolved.model.reset_classifier(num_classes)
+    fit_class_count(resolved.model, num_classes, where.rsplit(".", 1)[0], dataset,
+                    trained_here=trained_here or where == "student.model", weights_file=cfg.weights)
+    if cfg.weights and not trained_here and where != "student.model":  # a frozen teacher: whose mean/std
+        mean_from = "the recipe" if getattr(cfg, "mean", None) is not None else \
+            f"the file's config ({resolved.source.get('data_config', 'its distill metadata')})" \
+            if resolved.data is not None else \
+            "the dataset (the file carries none)"
+        note += f", mean/std from {mean_from}"
     return resolved, note
 
 
@@ -182,17 +141,14 @@ def dry_run(recipe: Recipe, offline: bool = False) -> DryRunReport:
         for i, cfg in enumerate(teacher_configs(recipe)):
             where = f"teachers[{i}].model"
             resolved, note = _resolve(cfg, where, num_classes, data.input_size[0], offline, data,
-                                      cfg.train is not None)
-            if resolved.model.num_classes != num_classes:
-                raise DistillError(f"teachers[{i}] ({cfg.model}): predicts {resolved.model.num_classes} classes "
-                                   f"but dataset {recipe.data.dataset} has {num_classes}; add train: {{epochs: N}}")
-            teacher = make_teacher(f"{i}:{cfg.model}", cfg, resolved, data, tap)
+                                      cfg.train is not None, recipe.data.dataset)
+            teacher = make_teacher(f"{i}:{label(cfg.model, cfg.weights)}", cfg, resolved, data, tap)
             teachers.append(teacher)
             report.teachers.append({"name": teacher.name, "params": count_params(resolved.model), "note": note,
                                     "size": teacher.adapter.size or tuple(data.input_size[1:]),
                                     "renormalise": teacher.adapter.renormalise})
         student, s_note = _resolve(recipe.student, "student.model", num_classes, data.input_size[0], offline,
-                                   data, False)
+                                   data, False, recipe.data.dataset)
     pool = TeacherPool(teachers).to(device)
     policy = build_policy(recipe.distill.policy, len(pool), recipe.distill.policy_args) if len(pool) else None
     student.model.to(device)

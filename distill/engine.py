@@ -29,6 +29,7 @@ from . import distributed
 from .checkpoint import STUDENT_PREFIX, load_checkpoint, prefixed, save_checkpoint, split_prefix
 from .distiller import Distiller
 from .errors import DistillError
+from .fileio import atomic_write
 from .manifest import diff
 from .recipe import OptimConfig, RunConfig, ScheduleConfig
 from .registry import DataSpec, student_metadata
@@ -319,10 +320,13 @@ class Trainer:
         fields: List[str] = []
         for row in self.history:
             fields += [k for k in row if k not in fields]
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.history)
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(self.history)
+
+        atomic_write(path, write)
 
     # -- loops ----------------------------------------------------------------
 

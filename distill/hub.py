@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from .errors import DistillError
+from .fileio import read_json
 
 HUB_FILES = ("config.json", "model.safetensors", "README.md")
 PLOT_FILE = "weights.png"
@@ -70,10 +71,10 @@ def check_repo_id(repo_id: str, where: str = "--repo-id") -> str:
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DistillError(f"{path}: cannot read ({exc})") from None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DistillError(f"{path}: not a JSON object")
+    return data
 
 
 class _Run:
@@ -304,7 +305,8 @@ def push_run(run_dir: Union[str, Path], repo_id: str, *, private: bool = False, 
     """Upload run ``run_dir``'s student to the Hub repository ``repo_id``; return the commit URL.
 
     Creates the repository if needed (``private`` applies only then) and the branch
-    ``revision`` if given and missing. Files are prepared in a temporary folder, so the run
+    ``revision`` if given and missing. The commit leaves the branch holding exactly the
+    exported files: files of an earlier upload that this one lacks are deleted in the same commit. Files are prepared in a temporary folder, so the run
     directory is never written to; any failure is a one-line DistillError saying which step
     failed.
     """
@@ -327,8 +329,10 @@ def push_run(run_dir: Union[str, Path], repo_id: str, *, private: bool = False, 
                 step = f"creating branch {revision!r}"
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             step = "uploading the files"
+            # delete_patterns: the commit also removes every file of an earlier upload that this one does
+            # not carry (a stale weights.png, other weights), so readers never load a mix of two uploads
             info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                                     commit_message=message)
+                                     commit_message=message, delete_patterns="*")
         except Exception as exc:  # HTTP errors, offline mode, no token, network: one line, nothing written
             raise DistillError(f"push to {repo_id} failed while {step} ({_one_line(exc)}); "
                                "the run directory is unchanged") from None

@@ -14,8 +14,10 @@ import yaml
 from .data import DataBundle, build_data, build_loader, build_mixup
 from . import distributed
 from .distiller import Distiller
+from .classes import fit_class_count
 from .engine import Trainer, TrainResult, autocast_dtype, evaluate, resolve_device, seed_everything
 from .errors import DistillError
+from .fileio import ensure_dir, read_json, write_text
 from .manifest import content_hash, diff
 from .policies import build_policy
 from .recipe import Recipe, TeacherConfig, teacher_configs, to_dict
@@ -24,6 +26,7 @@ from .taps import FeatureTap, parse_feature_tap
 from .teacher_cache import teacher_output_cache
 from .teachers import InputAdapter, Teacher, TeacherPool
 from .views import materialise_views
+from .weightfile import label
 
 
 @dataclass
@@ -124,9 +127,9 @@ class RecipeRunner:
         class count is reset to the dataset's (the model is about to be trained)."""
         resolved = resolve_model(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights,
                                  num_classes=self.bundle.num_classes, in_chans=self.bundle.input_size[0],
-                                 model_args=cfg.model_args, where=where)
-        if fit_head and resolved.model.num_classes != self.bundle.num_classes:
-            resolved.model.reset_classifier(self.bundle.num_classes)
+                                 model_args=cfg.model_args, where=where, new_keys=cfg.new_keys)
+        fit_class_count(resolved.model, self.bundle.num_classes, where.rsplit(".", 1)[0], self.recipe.data.dataset,
+                        trained_here=fit_head, weights_file=cfg.weights)
         return resolved
 
     def _train_alone(self, resolved: ResolvedModel, run_dir: Path, optim, schedule, seed: int, label: str,
@@ -141,7 +144,7 @@ class RecipeRunner:
     def prepare_teacher(self, index: int, cfg: TeacherConfig) -> Teacher:
         """Return teacher ``index``: loaded as is, or trained / fine-tuned first (cached)."""
         where = f"teachers[{index}]"
-        name = f"{index}:{cfg.model}"
+        name = f"{index}:{label(cfg.model, cfg.weights)}"
         seed = self.recipe.seed + 1000 * (index + 1)
         if cfg.train is not None:
             tdir = self.run_dir / "teachers" / f"{index}-{_safe(cfg.model)}"
@@ -159,11 +162,6 @@ class RecipeRunner:
         else:
             seed_everything(seed)  # a randomly initialised teacher is the same in every run of the recipe
             resolved = self._resolve(cfg, f"{where}.model", fit_head=False)
-            if resolved.model.num_classes != self.bundle.num_classes:
-                raise DistillError(
-                    f"{where} ({cfg.model}): predicts {resolved.model.num_classes} classes but dataset "
-                    f"{self.recipe.data.dataset} has {self.bundle.num_classes}; add train: {{epochs: N}} "
-                    "to fine-tune it on this dataset")
         teacher = make_teacher(name, cfg, resolved, self.data_spec, self.tap)
         teacher.source = dict(resolved.source, name=name)
         if "sha256" not in teacher.source:  # random init: hash the weights as built
@@ -173,11 +171,11 @@ class RecipeRunner:
     @staticmethod
     def _finished(run_dir: Path, epochs: int) -> bool:
         path = run_dir / "last.json"
-        return path.is_file() and json.loads(path.read_text()).get("epoch", -1) + 1 >= epochs
+        return path.is_file() and read_json(path, "checkpoint state").get("epoch", -1) + 1 >= epochs
 
     @staticmethod
     def _check_identity(run_dir: Path, identity: Dict[str, Any]) -> None:
-        stored = json.loads((run_dir / "last.json").read_text()).get("identity")
+        stored = read_json(run_dir / "last.json", "checkpoint state").get("identity")
         expected = json.loads(json.dumps(identity))
         if stored != expected:
             lines = "; ".join(diff(stored, expected, "", "cached", "in this recipe"))
@@ -194,9 +192,9 @@ class RecipeRunner:
     def run(self) -> RunReport:
         """Run every phase of the recipe and return the :class:`RunReport` (also results.json)."""
         recipe = self.recipe
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.run_dir, "run directory")
         if distributed.is_main():  # under torchrun only rank 0 writes files
-            (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+            write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
         report = RunReport(recipe.data.dataset, len(self.bundle.val), class_names=list(self.bundle.class_names))
 
         teachers = [self.prepare_teacher(i, cfg) for i, cfg in enumerate(teacher_configs(recipe))]
@@ -223,8 +221,9 @@ class RecipeRunner:
                           recipe.seed, {"identity": identity}, "distill",
                           batch_transform=build_mixup(recipe.data, self.bundle.num_classes))
         result = trainer.fit(resume=self.resume)
-        name = f"{recipe.student.model} + {len(pool)} teachers ({recipe.distill.policy})" if len(pool) \
-            else f"{recipe.student.model} (no teachers: cross-entropy alone)"
+        student_name = label(recipe.student.model, recipe.student.weights)
+        name = f"{student_name} + {len(pool)} teachers ({recipe.distill.policy})" if len(pool) \
+            else f"{student_name} (no teachers: cross-entropy alone)"
         report.student = {"name": name, **asdict(result)}
 
         if recipe.run.baseline:
@@ -233,9 +232,9 @@ class RecipeRunner:
             result = self._train_alone(alone, self.run_dir / "baseline", recipe.optim, recipe.schedule,
                                        recipe.seed, "baseline", {"student": recipe.student.model}, self.resume,
                                        build_mixup(recipe.data, self.bundle.num_classes))
-            report.baseline = {"name": recipe.student.model, **asdict(result)}
+            report.baseline = {"name": student_name, **asdict(result)}
         if distributed.is_main():
-            (self.run_dir / "results.json").write_text(json.dumps(asdict(report), indent=1))
+            write_text(self.run_dir / "results.json", json.dumps(asdict(report), indent=1))
         else:  # plotting and pushing are rank 0's
             return report
         if recipe.run.plot:

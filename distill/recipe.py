@@ -111,6 +111,7 @@ class ModelConfig:
     pretrained: bool = False
     weights: Optional[str] = None  # local .safetensors / .pth file loaded into `model`
     model_args: Dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs
+    new_keys: List[str] = field(default_factory=list)  # with weights: tensors left at init (fnmatch, e.g. fc.*)
 
 
 @dataclass
@@ -326,11 +327,16 @@ def _child(node: Any, key: str, where: str, create: bool) -> Any:
 
 def load_recipe(path: Union[str, Path], overrides: Optional[List[str]] = None, check_data: bool = True) -> Recipe:
     """Return the validated :class:`Recipe` of a YAML file after applying ``overrides``."""
+    from .errors import DistillError
+    from .fileio import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError("", f"file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = read_text(path, "recipe file")
+    except DistillError as exc:
+        raise RecipeError("", str(exc)) from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise RecipeError("", f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -390,6 +396,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     if not recipe.student.model:
         raise RecipeError("student.model", "a student model is required")
     registry.check_spec(recipe.student.model, "student.model", recipe.student.weights)
+    _check_new_keys(recipe.student, "student")
     if recipe.pool is not None:
         from zoo.pools import POOLS
 
@@ -401,6 +408,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
         if not teacher.model:
             raise RecipeError(f"{where}.model", "a teacher model is required")
         registry.check_spec(teacher.model, f"{where}.model", teacher.weights)
+        _check_new_keys(teacher, where)
         if (teacher.mean is None) != (teacher.std is None):
             raise RecipeError(f"{where}.mean", "give both mean and std, or neither")
         if teacher.train is not None and teacher.train.epochs < 1:
@@ -443,6 +451,15 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
         problem = repo_id_problem(recipe.hub.repo_id)
         if problem:
             raise RecipeError("hub.repo_id", problem)
+
+
+def _check_new_keys(cfg: ModelConfig, where: str) -> None:
+    """Raise RecipeError if ``new_keys`` is given without a weights file (it would do nothing)."""
+    if cfg.new_keys and not cfg.weights:
+        raise RecipeError(f"{where}.new_keys", "only applies to a model loaded from weights: FILE")
+    for i, pattern in enumerate(cfg.new_keys):
+        if not pattern:
+            raise RecipeError(f"{where}.new_keys[{i}]", "an empty pattern")
 
 
 def teacher_configs(recipe: Recipe) -> List[TeacherConfig]:

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import timm
 from timm.data import resolve_model_data_config
@@ -29,6 +29,8 @@ import zoo  # noqa: F401  (registers the zoo's architectures into timm)
 
 from .checkpoint import STUDENT_PREFIX, load_tensors, read_metadata, split_prefix
 from .errors import DistillError, RecipeError, close_matches
+from .fetch import require_local_weights, weight_download
+from .fileio import check_readable
 from .manifest import content_hash
 from .paths import weights_dir
 
@@ -76,8 +78,11 @@ def _is_run_dir(path: Path) -> bool:
 
 def check_spec(spec: str, where: str, weights: Optional[str] = None) -> None:
     """Raise RecipeError (naming ``where``) if ``spec`` cannot name a model; no model is built."""
-    if weights is not None and not Path(weights).is_file():
-        raise RecipeError(where.rsplit(".", 1)[0] + ".weights", f"file not found: {weights}")
+    if weights is not None:
+        try:
+            check_readable(weights, "weights file")
+        except DistillError as exc:
+            raise RecipeError(where.rsplit(".", 1)[0] + ".weights", str(exc)) from None
     if spec.startswith("hf-hub:"):
         parse_hub_spec(spec, where)
         return
@@ -143,7 +148,8 @@ def _hub_errors(spec: str, where: str) -> Iterator[None]:
         why = ("HF_HUB_OFFLINE is set" if constants.is_offline_mode()
                else f"the Hub could not be reached ({first_line(exc)})")
         raise DistillError(f"{where}: {spec}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                           f"and {why}; fetch it once online (or fill the cache) first") from None
+                           f"and {why}; fetch it once online (or fill the cache), then work offline with "
+                           "HF_HUB_OFFLINE=1") from None
     except EntryNotFoundError as exc:
         raise DistillError(f"{where}: {spec}: a file is missing from the repository ({first_line(exc)}); "
                            "is it a timm model (config.json + model.safetensors)?") from None
@@ -206,12 +212,15 @@ def _resolve_hub(spec: str, pretrained: bool, build_args: Dict[str, Any], where:
 
 def resolve_model(spec: str, *, pretrained: bool = False, weights: Optional[str] = None,
                   num_classes: Optional[int] = None, in_chans: Optional[int] = None,
-                  model_args: Optional[Dict[str, Any]] = None, where: str = "model") -> ResolvedModel:
+                  model_args: Optional[Dict[str, Any]] = None, where: str = "model",
+                  new_keys: Sequence[str] = ()) -> ResolvedModel:
     """Return the :class:`ResolvedModel` for ``spec``.
 
     ``num_classes`` / ``in_chans`` set the head and stem of a model built without weights;
     a model loaded with weights keeps the class count of its weights (the caller checks it
-    against the dataset). ``weights`` loads a local file into the architecture ``spec``.
+    against the dataset). ``weights`` loads a local file into the architecture ``spec``, every
+    tensor of it (``new_keys``: fnmatch patterns of tensors left at their initialisation; when
+    they cover the classifier, it is built for ``num_classes``).
     """
     args = dict(model_args or {})
     path = Path(spec)
@@ -219,7 +228,7 @@ def resolve_model(spec: str, *, pretrained: bool = False, weights: Optional[str]
         return load_student_checkpoint(path / "best.safetensors" if path.is_dir() else path)
     check_spec(spec, where, weights)
     if weights is not None:
-        return _load_weights_file(spec, Path(weights), in_chans, args, where)
+        return _load_weights_file(spec, Path(weights), in_chans, args, where, new_keys, num_classes)
 
     build_args = dict(args)
     if not pretrained or spec.startswith(_SOURCES):
@@ -229,8 +238,11 @@ def resolve_model(spec: str, *, pretrained: bool = False, weights: Optional[str]
             build_args["in_chans"] = in_chans
     if spec.startswith("hf-hub:"):
         return _resolve_hub(spec, pretrained, build_args, where)
+    if pretrained:
+        require_local_weights(spec, where)
     try:
-        model = timm.create_model(spec, pretrained=pretrained, cache_dir=str(weights_dir()), **build_args)
+        with weight_download(spec, where), _hub_errors(spec, where):
+            model = timm.create_model(spec, pretrained=pretrained, cache_dir=str(weights_dir()), **build_args)
     except RuntimeError as exc:
         if "No pretrained weights" in str(exc) or "Invalid pretrained config" in str(exc):
             raise DistillError(f"{where}: {spec} has no pretrained weights; set pretrained: false "
@@ -255,13 +267,13 @@ def _data_spec(model: nn.Module) -> DataSpec:
     return DataSpec(tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
-def _load_weights_file(spec: str, path: Path, in_chans: Optional[int], args: Dict[str, Any],
-                       where: str) -> ResolvedModel:
-    """Build ``spec`` and load a local weights file into it through timm's file loader.
+def _load_weights_file(spec: str, path: Path, in_chans: Optional[int], args: Dict[str, Any], where: str,
+                       new_keys: Sequence[str] = (), num_classes: Optional[int] = None) -> ResolvedModel:
+    """Build ``spec`` and load every tensor of it from a local weights file (:mod:`distill.weightfile`)."""
+    from timm.models import get_pretrained_cfg
 
-    timm applies the architecture's checkpoint filter (key mapping for foreign weights);
-    ``.pth`` files go through ``torch.load(weights_only=True)``.
-    """
+    from .weightfile import load_weights_file
+
     if path.suffix not in WEIGHT_SUFFIXES:
         raise DistillError(f"{path}: unsupported weights file type; expected one of {', '.join(WEIGHT_SUFFIXES)}")
     stored_arch = read_metadata(path).get("distill.arch") if path.suffix == ".safetensors" else None
@@ -273,12 +285,18 @@ def _load_weights_file(spec: str, path: Path, in_chans: Optional[int], args: Dic
     build_args = dict(args)
     if in_chans is not None:
         build_args["in_chans"] = in_chans
-    try:
-        model = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **build_args)
-    except Exception as exc:  # unpickling refused, truncated file, strict-load mismatch, ...
-        raise _weights_error(str(path), spec, exc) from None
-    return ResolvedModel(model, spec, _data_spec(model),
-                         {"spec": spec, "file": str(path), "sha256": content_hash(model)}, args)
+    loaded = load_weights_file(spec, path, build_args, new_keys, num_classes)
+    data = None
+    if loaded.data_tag is not None:
+        cfg = get_pretrained_cfg(loaded.data_tag)
+        data = DataSpec(tuple(cfg.input_size), tuple(cfg.mean), tuple(cfg.std))
+    source = {"spec": spec, "file": str(path), "sha256": content_hash(loaded.model)}
+    if loaded.data_tag is not None:
+        source["data_config"] = loaded.data_tag
+    if new_keys:
+        source["new_keys"] = list(new_keys)
+    recorded = {k: v for k, v in args.items() if k != "num_classes"}
+    return ResolvedModel(loaded.model, spec, data, source, recorded)
 
 
 def load_student_checkpoint(path: Path) -> ResolvedModel:

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from . import distributed
 from .engine import autocast
+from .checkpoint import load_tensors
 from .errors import DistillError
+from .fileio import atomic_write, ensure_dir
 from .manifest import content_hash
 from .paths import distill_home
 from .signals import TeacherOutputs
@@ -108,16 +109,16 @@ class TeacherOutputCache:
             tensors[f"feature.{m}"] = feature.contiguous()
             if embedding is not None:
                 tensors[f"embedding.{m}"] = embedding.contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        save_file(tensors, str(partial), metadata={"teachers": str(len(self.features))})
-        os.replace(partial, path)
+        ensure_dir(path.parent, "teacher cache folder")
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"teachers": str(len(self.features))}))
 
     @classmethod
     def load(cls, path: Path) -> "TeacherOutputCache":
         """Return the cache saved at ``path``."""
-        tensors = load_file(str(path))
+        tensors = load_tensors(path)
         count = sum(1 for k in tensors if k.startswith("feature."))
+        if "logits" not in tensors:
+            raise DistillError(f"{path}: not a teacher cache (no logits); delete it to rebuild the cache")
         return cls(tensors["logits"], [tensors[f"feature.{m}"] for m in range(count)],
                    [tensors.get(f"embedding.{m}") for m in range(count)])
 

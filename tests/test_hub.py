@@ -133,6 +133,7 @@ class FakeHub:
     def __init__(self, fail: str = ""):
         self.fail = fail  # a path fragment answered with 403
         self.requests, self.repos, self.branches, self.commits, self.unexpected = [], {}, [], [], []
+        self.trees = {}  # (repo, revision) -> {path: bytes}: the files each branch holds after the commits
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.path
@@ -148,7 +149,11 @@ class FakeHub:
             return httpx2.Response(200, json={"url": f"https://huggingface.co/{body['organization']}/{body['name']}"})
         if path == "/api/validate-yaml":
             return httpx2.Response(200, json={"errors": [], "warnings": []})
-        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit|branch)/(.+)", path)
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit|branch|tree)/(.+)", path)
+        if match and match.group(2) == "tree":
+            tree = self.trees.get((match.group(1), match.group(3)), {})
+            return httpx2.Response(200, json=[{"type": "file", "path": name, "size": len(data), "oid": "0" * 40}
+                                              for name, data in sorted(tree.items())])
         if match and match.group(2) == "preupload":
             files = json.loads(request.content)["files"]
             return httpx2.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
@@ -160,7 +165,12 @@ class FakeHub:
             lines = [json.loads(line) for line in request.content.decode().splitlines()]
             files = {item["value"]["path"]: base64.b64decode(item["value"]["content"])
                      for item in lines if item["key"] == "file"}
-            self.commits.append({"repo": match.group(1), "revision": match.group(3), "files": files,
+            deleted = [item["value"]["path"] for item in lines if item["key"] == "deletedFile"]
+            tree = self.trees.setdefault((match.group(1), match.group(3)), {})
+            for name in deleted:
+                tree.pop(name, None)
+            tree.update(files)
+            self.commits.append({"repo": match.group(1), "revision": match.group(3), "files": files, "deleted": deleted,
                                  "keys": [item["key"] for item in lines],
                                  "summary": lines[0]["value"]["summary"]})
             return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{match.group(1)}/commit/{SHA_A}",
@@ -335,6 +345,21 @@ def test_push_commits_exactly_the_hub_files_and_they_load_back(trained, fake_hub
     assert TOKEN not in out + err
     assert not files_containing(trained["root"], TOKEN) and not files_containing(tmp_path, TOKEN)
     assert all(TOKEN.encode() not in data for data in commit["files"].values())
+
+
+def test_push_over_an_earlier_upload_deletes_its_stale_files(trained, fake_hub, tmp_path, capsys):
+    run = trained["run"]
+    assert cli.push_main([str(run), "--repo-id", "org/again"]) == 0
+    fake_hub.trees[("org/again", "main")]["pytorch_model.bin"] = b"an older upload's weights"
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare)
+    (bare / "weights.png").unlink()  # this run drew no plot
+    assert cli.push_main([str(bare), "--repo-id", "org/again"]) == 0
+    first, second = fake_hub.commits
+    assert "weights.png" in first["files"] and not first["deleted"]
+    assert sorted(second["deleted"]) == ["pytorch_model.bin", "weights.png"]
+    assert set(fake_hub.trees[("org/again", "main")]) == HUB_FILES  # exactly this upload, no mix
+    assert not fake_hub.unexpected
 
 
 def test_failed_upload_is_one_line_and_leaves_the_run_untouched(trained, fake_hub, monkeypatch, capsys):
