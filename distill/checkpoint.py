@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from .errors import DistillError
 
 STUDENT_PREFIX = "student."
+EMA_PREFIX = "ema."  # the EMA of the student (run.ema), same keys as student.*
 _TENSOR_REF = "__tensor__"
 _ITEMS = "__items__"
 

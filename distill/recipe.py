@@ -53,6 +53,7 @@ class DataConfig:
     mixup_prob: float = 1.0  # probability of mixing a batch
     mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     label_smoothing: float = 0.0  # applied to the (mixed) training targets
+    aug_repeats: int = 0  # repeated augmentation (DeiT: 3): timm RepeatAugSampler semantics; 0: off
 
 
 @dataclass
@@ -65,6 +66,9 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 1e-4
     filter_bias_and_bn: bool = False  # True: no weight decay on norm and bias parameters
+    accum_steps: int = 1  # gradient accumulation: each batch runs as N micro-batches, one optimiser step
+    clip_grad: Optional[float] = None  # clip the trainable gradients (student + projectors); None: off
+    clip_mode: Literal["norm", "value", "agc"] = "norm"  # timm dispatch_clip_grad mode (agc: head excluded)
 
 
 @dataclass
@@ -142,7 +146,13 @@ class RunConfig:
     """Runtime settings that do not change the math."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA when supported
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA when supported; fp16: GradScaler
+    compile: bool = False  # torch.compile the trainable student and, separately, each frozen teacher
+    channels_last: bool = False  # student, teachers and batches in channels-last memory format (CNNs)
+    ema: bool = False  # keep an EMA of the student (timm ModelEmaV3), evaluated each epoch beside it
+    ema_decay: float = 0.9998
+    ema_warmup: bool = False  # timm's EMA decay warm-up (decay grows with the update count)
+    log: Literal["csv", "tensorboard"] = "csv"  # summary.csv always; tensorboard: also <run_dir>/tensorboard
     deterministic: bool = False
     log_interval: int = 20  # steps between progress-bar metric reads (the only host syncs)
     baseline: bool = False  # also train the student alone on the same schedule, for comparison
@@ -160,7 +170,7 @@ class HubConfig:
     repo_id: Optional[str] = None  # ORG/NAME; required when push is true
     private: bool = False  # create the repository private (an existing one keeps its visibility)
     revision: Optional[str] = None  # branch to commit to (created if missing); default main
-    checkpoint: Literal["best", "last"] = "best"
+    checkpoint: Literal["best", "last", "ema"] = "best"  # ema: the last checkpoint's EMA student (run.ema)
 
 
 @dataclass
@@ -425,6 +435,20 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
 
     if recipe.optim.lr <= 0:
         raise RecipeError("optim.lr", f"must be > 0, got {recipe.optim.lr}")
+    o = recipe.optim
+    if o.accum_steps < 1:
+        raise RecipeError("optim.accum_steps", f"must be >= 1, got {o.accum_steps}")
+    if o.accum_steps > recipe.data.batch_size:
+        raise RecipeError("optim.accum_steps", f"{o.accum_steps} micro-batches do not fit in data.batch_size="
+                          f"{recipe.data.batch_size}")
+    if o.clip_grad is not None and o.clip_grad <= 0:
+        raise RecipeError("optim.clip_grad", f"must be > 0 (or null: off), got {o.clip_grad}")
+    if recipe.data.aug_repeats < 0:
+        raise RecipeError("data.aug_repeats", f"must be >= 0, got {recipe.data.aug_repeats}")
+    if not 0.0 < recipe.run.ema_decay < 1.0:
+        raise RecipeError("run.ema_decay", f"must lie in (0, 1), got {recipe.run.ema_decay}")
+    if recipe.hub.checkpoint == "ema" and not recipe.run.ema:
+        raise RecipeError("hub.checkpoint", "ema: the run keeps no EMA of the student; set run.ema=true")
     s = recipe.schedule
     if s.epochs < 1:
         raise RecipeError("schedule.epochs", f"must be >= 1, got {s.epochs}")
