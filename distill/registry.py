@@ -195,7 +195,7 @@ def _resolve_hub(spec: str, pretrained: bool, build_args: Dict[str, Any], where:
     source: Dict[str, Any] = {"spec": spec, "hf_hub_id": repo_id, "revision": revision or "main", "commit": commit}
     data = None
     if pretrained:
-        data = _data_spec(model)
+        data = model_data_spec(model)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else [
             "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth"]
@@ -239,7 +239,7 @@ def resolve_model(spec: str, *, pretrained: bool = False, weights: Optional[str]
     source: Dict[str, Any] = {"spec": spec}
     data = None
     if pretrained:
-        data = _data_spec(model)
+        data = model_data_spec(model)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         source.update({k: cfg[k] for k in ("hf_hub_id", "url", "file") if cfg.get(k)})
         source["sha256"] = content_hash(model)
@@ -250,7 +250,8 @@ def resolve_model(spec: str, *, pretrained: bool = False, weights: Optional[str]
     return ResolvedModel(model, arch, data, source, recorded_args)
 
 
-def _data_spec(model: nn.Module) -> DataSpec:
+def model_data_spec(model: nn.Module) -> DataSpec:
+    """Return the data config (input size, mean, std) timm resolves for ``model``."""
     cfg = resolve_model_data_config(model)
     return DataSpec(tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]))
 
@@ -277,7 +278,7 @@ def _load_weights_file(spec: str, path: Path, in_chans: Optional[int], args: Dic
         model = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **build_args)
     except Exception as exc:  # unpickling refused, truncated file, strict-load mismatch, ...
         raise _weights_error(str(path), spec, exc) from None
-    return ResolvedModel(model, spec, _data_spec(model),
+    return ResolvedModel(model, spec, model_data_spec(model),
                          {"spec": spec, "file": str(path), "sha256": content_hash(model)}, args)
 
 
