@@ -61,7 +61,8 @@ def _loaders(recipe: Recipe, bundle: DataBundle):
     eval_batch = distributed.local_batch_size(data.eval_batch_size or 2 * data.batch_size)
     # under torchrun: batch-aligned training shards and sharded evaluation (distill.distributed)
     train = build_loader(bundle.train, batch, True, data.num_workers, recipe.seed,
-                         sampler=distributed.train_sampler(len(bundle.train), data.batch_size, recipe.seed))
+                         sampler=distributed.train_sampler(len(bundle.train), data.batch_size, recipe.seed,
+                                                         data.aug_repeats))
     val = build_loader(bundle.val, eval_batch, False, data.num_workers, recipe.seed,
                        sampler=distributed.eval_sampler(len(bundle.val)))
     return train, val
