@@ -171,7 +171,8 @@ def _push(argv: List[str]) -> int:
     parser.add_argument("--repo-id", help="ORG/NAME of the Hub model repository (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", help="branch to commit to (created if missing; default main)")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which weights (default best)")
+    parser.add_argument("--checkpoint", choices=("best", "last", "ema"), default="best",
+                        help="which weights (default best; ema: the last checkpoint's EMA student, run.ema)")
     parser.add_argument("--local-dir", help="write the files to this folder instead of uploading")
     args = parser.parse_args(argv)
 

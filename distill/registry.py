@@ -282,8 +282,9 @@ def _load_weights_file(spec: str, path: Path, in_chans: Optional[int], args: Dic
                          {"spec": spec, "file": str(path), "sha256": content_hash(model)}, args)
 
 
-def load_student_checkpoint(path: Path) -> ResolvedModel:
-    """Return the student stored in a distill checkpoint ``.safetensors`` file."""
+def load_student_checkpoint(path: Path, prefix: str = STUDENT_PREFIX) -> ResolvedModel:
+    """Return the student stored in a distill checkpoint ``.safetensors`` file (``prefix``
+    ``ema.``: its EMA copy)."""
     meta = read_metadata(path)
     if "distill.arch" not in meta:
         raise DistillError(f"{path}: not a distill checkpoint (no distill.arch metadata); "
@@ -291,7 +292,9 @@ def load_student_checkpoint(path: Path) -> ResolvedModel:
     arch = meta["distill.arch"]
     args = json.loads(meta.get("distill.model_args", "{}"))
     model = timm.create_model(arch, pretrained=False, num_classes=int(meta["distill.num_classes"]), **args)
-    state = split_prefix(load_tensors(path), STUDENT_PREFIX)
+    state = split_prefix(load_tensors(path), prefix)
+    if not state:
+        raise DistillError(f"{path}: holds no {prefix}* tensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise DistillError(f"{path}: checkpoint does not fit {arch} (missing {list(missing)[:3]}, "

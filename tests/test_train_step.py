@@ -266,6 +266,16 @@ def test_trainer_resume_with_fp16_ema_accumulation_equals_uninterrupted(tmp_path
     assert {"val_top1", "val_ema_top1", "train_skipped"} <= set(header)
     assert full.student["epochs"] == 2
 
+    from distill import cli  # distill-push --checkpoint ema exports the EMA student
+
+    out = tmp_path / "export"
+    assert cli.push_main([str(tmp_path / "full"), "--local-dir", str(out), "--checkpoint", "ema"]) == 0
+    exported = load_file(str(out / "model.safetensors"))
+    assert exported.keys() == {k[len("ema."):] for k in a if k.startswith("ema.")}
+    for key, value in exported.items():
+        assert torch.equal(value, a["ema." + key]), key
+    assert any(not torch.equal(v, a["student." + k]) for k, v in exported.items())
+
 
 def test_tensorboard_log(tmp_path):
     """run.log=tensorboard writes the summary's scalars, or fails in one line when tensorboard is missing."""
