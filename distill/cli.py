@@ -53,7 +53,7 @@ def _train(argv: List[str]) -> int:
     args = parser.parse_intermixed_args(argv)
 
     from .pipeline import RecipeRunner
-    from .recipe import load_recipe
+    from .recipe_load import load_recipe
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     if args.offline and not args.dry_run:

@@ -42,7 +42,8 @@ from .distiller import Distiller
 from .engine import build_scheduler, mix_batch, resolve_device, seed_everything
 from .errors import DistillError
 from .pipeline import make_teacher
-from .recipe import Recipe, teacher_configs
+from .recipe import Recipe
+from .recipe_load import teacher_configs
 from .registry import DataSpec, ResolvedModel, count_params, model_data_spec, resolve_model
 from .taps import parse_feature_tap
 
@@ -170,8 +171,11 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+_STARTED = [time.perf_counter()]
+
+
 def _stderr(message: str) -> None:
-    print(f"dry run: {message}", file=sys.stderr, flush=True)
+    print(f"dry run [{time.perf_counter() - _STARTED[0]:5.1f} s]: {message}", file=sys.stderr, flush=True)
 
 
 TINY_BATCHES = (2, 4)  # the micro-batch sizes the step is measured at
@@ -211,7 +215,7 @@ def _measure_step(distiller: Distiller, x: torch.Tensor, y: torch.Tensor) -> Tup
 def dry_run(recipe: Recipe, offline: bool = False, say: Callable[[str], None] = _stderr) -> DryRunReport:
     """Build everything ``recipe`` needs and run its training step on tiny synthetic batches;
     return the report (the real batch's memory per step is extrapolated, see the module doc)."""
-    started = time.perf_counter()
+    started = _STARTED[0] = time.perf_counter()
     report = DryRunReport()
     data, num_classes = data_spec(recipe)
     device = resolve_device(recipe.run.device)

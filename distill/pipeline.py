@@ -17,7 +17,8 @@ from .build import build_distiller
 from .engine import Trainer, TrainResult, autocast_dtype, evaluate, resolve_device, seed_everything
 from .errors import DistillError
 from .manifest import content_hash, diff
-from .recipe import Recipe, TeacherConfig, teacher_configs, to_dict
+from .recipe import Recipe, TeacherConfig, to_dict
+from .recipe_load import teacher_configs
 from .registry import DataSpec, ResolvedModel, load_student_checkpoint, resolve_model
 from .taps import FeatureTap, parse_feature_tap
 from .teacher_cache import teacher_output_cache

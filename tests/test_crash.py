@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from distill import cli
 from distill.checkpoint import load_checkpoint
 from distill.pipeline import RecipeRunner
-from distill.recipe import recipe_from_dict
+from distill.recipe_load import recipe_from_dict
 
 torch.set_num_threads(1)
 

@@ -220,7 +220,7 @@ def test_compiled_step_matches_eager():
 
 
 def _recipe(run_dir, **run):
-    from distill.recipe import recipe_from_dict
+    from distill.recipe_load import recipe_from_dict
 
     return recipe_from_dict({
         "name": "tiny", "output_dir": str(run_dir),
