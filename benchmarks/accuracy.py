@@ -49,7 +49,8 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 
 from distill.errors import DistillError, RecipeError  # noqa: E402
 from distill.plot import read_summary  # noqa: E402
-from distill.recipe import Recipe, recipe_from_dict  # noqa: E402
+from distill.recipe import Recipe  # noqa: E402
+from distill.recipe_load import recipe_from_dict  # noqa: E402
 
 FIELDS = ["recipe", "policy", "seed", "best_top1", "best_epoch", "final_top1", "epochs", "wall_time_s", "resumed"]
 

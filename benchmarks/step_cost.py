@@ -14,10 +14,11 @@ speed hit all variants alike. Reported: the median over ``--steps`` rounds after
     one call, one linear projector per teacher and FitNet MSE on the pre-logit features
     (the teachers' forward then returns features too: ``forward_features`` +
     ``forward_head``, the same FLOPs as ``model(x)``).
-``aver``, ``camkd``, ``mtkd_rl``, ``mixture`` (and any extra ``--variants``): the real
-    :class:`distill.distiller.Distiller` step exactly as ``engine.Trainer`` runs it:
-    ``d(x, y)``, ``zero_grad``, ``backward``, ``step``, ``policy.observe`` and the Trainer's
-    per-step meter update (``_EpochMeter.update``). MTKD-RL runs as after its warm-up epoch
+``aver``, ``camkd``, ``mtkd_rl``, ``mixture`` (and any extra ``--variants``): the step
+    ``engine.Trainer`` runs, built by the trainer's builder (``distill.build.build_distiller``,
+    SGD with momentum 0.9 as the bound, fp32) and run by the same call,
+    ``Distiller.train_step(x, y)`` (forward, backward, optimiser step, ``policy.observe``),
+    followed by the Trainer's per-step meter update (``EpochMeter.update``). MTKD-RL runs as after its warm-up epoch
     (the agent produces the weights and every step is recorded); its end-of-epoch agent update
     (one agent optimiser step per recorded batch) is timed after the rounds and reported per
     recorded batch, i.e. amortised per step, in its own column.
@@ -73,17 +74,14 @@ import timm  # noqa: E402
 
 import zoo  # noqa: E402,F401  (registers the zoo models)
 from zoo.pools import get_pool  # noqa: E402
+from distill.build import build_distiller  # noqa: E402
 from distill.distiller import Distiller  # noqa: E402
+from distill.engine import EpochMeter  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
-from distill.policies import build_policy  # noqa: E402
+from distill.recipe import DistillConfig, OptimConfig, RunConfig  # noqa: E402
 from distill.registry import DataSpec  # noqa: E402
 from distill.taps import parse_feature_tap  # noqa: E402
-from distill.teachers import InputAdapter, Teacher, TeacherPool  # noqa: E402
-
-try:  # the Trainer's per-step meter (engine.py); absent: the meter is not timed
-    from distill.engine import _EpochMeter  # noqa: E402
-except ImportError:  # pragma: no cover
-    _EpochMeter = None
+from distill.teachers import InputAdapter, Teacher  # noqa: E402
 
 SETTINGS = {
     "table1": dict(student="cifar_shufflenetv2", teachers=list(get_pool("cifar100_cnn4").teachers), classes=100,
@@ -161,7 +159,7 @@ def build(args: argparse.Namespace, names: List[str]):
     models = [timm.create_model(n, num_classes=args.classes).to(device).eval().requires_grad_(False)
               for n in args.teachers]
     student0 = timm.create_model(args.student, num_classes=args.classes).to(device)
-    pool = None
+    teachers = None
     steps: Dict[str, Step] = {}
     for name in names:
         torch.manual_seed(1)  # identical projector init everywhere
@@ -176,17 +174,19 @@ def build(args: argparse.Namespace, names: List[str]):
             opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
             steps[name] = Step(name, _bound_kd_step(models, student, projectors, opt), module, opt)
         else:
-            if pool is None:
-                pool = TeacherPool([Teacher(f"{i}:{n}", m, InputAdapter(spec, spec.mean, spec.std), tap,
-                                            spec.input_size) for i, (n, m) in enumerate(zip(args.teachers, models))])
+            if teachers is None:
+                teachers = [Teacher(f"{i}:{n}", m, InputAdapter(spec, spec.mean, spec.std), tap, spec.input_size)
+                            for i, (n, m) in enumerate(zip(args.teachers, models))]
             policy_name, policy_args = POLICY_VARIANTS[name]
-            policy = build_policy(policy_name, len(pool), dict(policy_args))
-            d = Distiller(student, pool, policy, tap, spec.input_size).to(device)
+            d = build_distiller(student, teachers, tap, spec.input_size,
+                                DistillConfig(alpha=ALPHA, beta=BETA, temperature=T, policy=policy_name,
+                                              policy_args=dict(policy_args)),
+                                OptimConfig(name="sgd", lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0),
+                                RunConfig(device=str(device), precision="fp32"), device, wrap_ddp=False)
             d.trainable.train()
-            policy.begin_epoch(1)  # after the warm-up epoch: MTKD-RL's agent drives the weights
-            opt = torch.optim.SGD(d.trainable.parameters(), lr=0.01, momentum=0.9)
-            meter = _EpochMeter(device, len(pool)) if _EpochMeter is not None else None
-            steps[name] = Step(name, _distiller_step(d, opt, meter), d.trainable, opt, d, meter)
+            d.policy.begin_epoch(1)  # after the warm-up epoch: MTKD-RL's agent drives the weights
+            meter = EpochMeter(device, len(d.pool))
+            steps[name] = Step(name, _distiller_step(d, meter), d.trainable, d.optimizer, d, meter)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(args.batch, *spec.input_size, generator=g).to(device)
     y = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
@@ -226,15 +226,9 @@ def _bound_kd_step(models, student, projectors, opt):
     return run
 
 
-def _distiller_step(d: Distiller, opt, meter):
+def _distiller_step(d: Distiller, meter: EpochMeter):
     def run(x, y):
-        out = d(x, y)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        d.policy.observe(out.signals, out.weights, out.teachers, out.student, y)
-        if meter is not None:
-            meter.update(out, y)
+        meter.update(d.train_step(x, y), y)  # what Trainer._train_epoch does per batch
     return run
 
 
@@ -307,8 +301,8 @@ def breakdown(steps: Dict[str, Step], x, y, reps: int = 50) -> None:
         signals, w, per_sample, parts = d.loss_head(student, teachers, y)
         t_obs = cpu_ms(lambda: d.policy.observe(signals, w, teachers, student, y))
         out = types.SimpleNamespace(per_sample=per_sample, loss=per_sample.mean(), parts=parts,
-                                    logits=student.logits, weights=w)
-        t_meter = cpu_ms(lambda: step.meter.update(out, y)) if step.meter is not None else float("nan")
+                                    logits=student.logits, weights=w, finite=None)
+        t_meter = cpu_ms(lambda: step.meter.update(out, y))
         print(f"| {name} | {t_head:.2f} | {t_obs:.2f} | {t_meter:.2f} |")
 
 

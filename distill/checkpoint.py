@@ -2,7 +2,7 @@
 
 A checkpoint ``<stem>`` is two files:
 
-- ``<stem>.safetensors``: every tensor (student ``student.*``, projectors ``projectors.*``,
+- ``<stem>.safetensors``: every tensor (student ``student.*``, its EMA ``ema.*``, projectors ``projectors.*``,
   policy ``policy.*``, optimiser ``optim.*``, ...). Its metadata describes the student
   (``distill.arch``, ``distill.num_classes``, ``distill.model_args``, ``distill.data_config``)
   so the file alone can be evaluated or loaded as a model.
@@ -34,6 +34,7 @@ from .errors import DistillError
 from .fileio import check_readable, check_write_fault, read_text, write_error
 
 STUDENT_PREFIX = "student."
+EMA_PREFIX = "ema."  # the EMA of the student (run.ema), same keys as student.*
 _TENSOR_REF = "__tensor__"
 _ITEMS = "__items__"
 

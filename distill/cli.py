@@ -69,7 +69,7 @@ def _train(argv: List[str]) -> int:
     import contextlib
 
     from .fetch import offline
-    from .recipe import load_recipe
+    from .recipe_load import load_recipe
     from .runlock import run_lock
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
@@ -210,7 +210,8 @@ def parse_push_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--repo-id", help="ORG/NAME of the Hub model repository (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", help="branch to commit to (created if missing; default main)")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which weights (default best)")
+    parser.add_argument("--checkpoint", choices=("best", "last", "ema"), default="best",
+                        help="which weights (default best; ema: the last checkpoint's EMA student, run.ema)")
     parser.add_argument("--local-dir", help="write the files to this folder instead of uploading")
     args = parser.parse_args(argv)
 

@@ -456,6 +456,11 @@ def _mix(*values: int) -> int:
     return state >> 1
 
 
+def epoch_order_seed(seed: int, epoch: int) -> int:
+    """Return the seed of the training order of ``epoch`` (a function of (seed, epoch) only)."""
+    return _mix(seed, epoch)
+
+
 class EpochSampler(Sampler[int]):
     """Index sampler whose order is a function of (seed, epoch) only.
 
@@ -479,15 +484,16 @@ class EpochSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
             return iter(range(self.n))
-        gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        gen = torch.Generator().manual_seed(epoch_order_seed(self.seed, self.epoch))
         return iter(torch.randperm(self.n, generator=gen).tolist())
 
     def __len__(self) -> int:
         return self.n
 
 
-class _SeededSampler(Sampler):
-    """Yields ``(index, item_seed)`` from an inner sampler; item_seed mixes (seed, epoch, index)."""
+class SeededSampler(Sampler):
+    """Yields ``(index, item_seed)`` from an inner sampler; item_seed mixes (seed, epoch, index)
+    (and the copy number, for a repeated-augmentation sampler's second and later copies)."""
 
     def __init__(self, inner: Sampler, seed: int):
         self.inner = inner
@@ -502,6 +508,10 @@ class _SeededSampler(Sampler):
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         epoch = self.epoch
+        if hasattr(self.inner, "iter_copies"):  # repeated augmentation: each copy its own augmentation
+            for index, copy in self.inner.iter_copies():
+                yield index, (_mix(self.seed, epoch, index, copy) if copy else _mix(self.seed, epoch, index))
+            return
         for index in self.inner:
             yield index, _mix(self.seed, epoch, index)
 
@@ -514,7 +524,7 @@ class _SeededSampler(Sampler):
         return getattr(self.inner, name)
 
 
-class _SeededDataset(Dataset):
+class SeededDataset(Dataset):
     """Runs ``dataset[index]`` with the RNGs seeded by the item seed of ``(index, seed)`` keys.
 
     In a worker process the CPU torch, Python and NumPy RNGs are seeded (they serve this
@@ -574,8 +584,8 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
     """
     if train:
         inner = sampler if sampler is not None else EpochSampler(len(dataset), shuffle=True, seed=seed)
-        loader_sampler: Sampler = _SeededSampler(inner, seed)
-        loader_dataset: Dataset = _SeededDataset(dataset)
+        loader_sampler: Sampler = SeededSampler(inner, seed)
+        loader_dataset: Dataset = SeededDataset(dataset)
         drop_last = len(inner) >= batch_size
     else:
         loader_sampler = sampler if sampler is not None else SequentialSampler(dataset)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -164,8 +164,54 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def train_sampler(n: int, global_batch: int, seed: int) -> Optional[Sampler]:
-    """Return this rank's training sampler, or None when not distributed (the default is used)."""
+class RepeatAugEpochSampler(Sampler[int]):
+    """Repeated augmentation (DeiT): timm's ``RepeatAugSampler`` seeded per (seed, epoch).
+
+    Each epoch shuffles ``0 .. n-1`` (generator seeded from (seed, epoch), so an epoch is the
+    same whatever ran before), repeats every index ``repeats`` times in a row and deals the
+    list to the ranks round-robin, so the copies of one image land on different ranks (and
+    are augmented independently); each rank yields timm's number of samples per epoch
+    (``n // 256 * 256 / num_replicas``), i.e. the epoch length stays about ``n`` images.
+    """
+
+    def __init__(self, n: int, repeats: int, num_replicas: int, rank: int, seed: int = 0):
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        self.seed = int(seed)
+        self.epoch = 0
+        self.repeats, self.num_replicas, self.rank = int(repeats), int(num_replicas), int(rank)
+        self.inner = RepeatAugSampler(range(n), num_replicas=num_replicas, rank=rank, shuffle=True,
+                                      num_repeats=repeats)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of ``epoch`` (same on every rank)."""
+        from .data import epoch_order_seed
+
+        self.epoch = int(epoch)
+        self.inner.set_epoch(epoch_order_seed(self.seed, self.epoch))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.inner)
+
+    def iter_copies(self) -> Iterator[Tuple[int, int]]:
+        """Yield ``(index, copy)``: which of an image's ``repeats`` copies each item is (its
+        position in timm's repeated list modulo ``repeats``), so that the loader seeds the copies'
+        augmentations differently (:class:`distill.data.SeededSampler`)."""
+        positions = range(self.rank, self.inner.total_size, self.num_replicas)[:self.inner.num_selected_samples]
+        return zip(iter(self.inner), (p % self.repeats for p in positions))
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def train_sampler(n: int, global_batch: int, seed: int, aug_repeats: int = 0) -> Optional[Sampler]:
+    """Return this rank's training sampler, or None for the default (single process, no repeats).
+
+    ``aug_repeats > 1``: :class:`RepeatAugEpochSampler` (also in a single process)."""
+    if aug_repeats > 1:
+        sampler = RepeatAugEpochSampler(n, aug_repeats, world_size(), rank(), seed)
+        sampler.set_epoch(0)
+        return sampler
     if not is_distributed():
         return None
     return ShardedEpochSampler(n, global_batch, world_size(), rank(), True, seed)

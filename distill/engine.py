@@ -4,7 +4,6 @@ and exact resume at epoch boundaries."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -26,10 +25,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import STUDENT_PREFIX, load_checkpoint, prefixed, save_checkpoint, split_prefix
-from .distiller import Distiller
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distiller import PRECISIONS, Distiller, autocast, resolve_precision
 from .errors import DistillError
 from .fileio import atomic_write
+from .logger import open_logger
 from .manifest import diff
 from .recipe import OptimConfig, RunConfig, ScheduleConfig
 from .registry import DataSpec, student_metadata
@@ -49,14 +49,7 @@ def resolve_device(name: str) -> torch.device:
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """Return the autocast dtype for ``precision`` on ``device`` (None: full fp32)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """Return an autocast context for ``dtype``, or a null context for fp32."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    return PRECISIONS[resolve_precision(precision, device)]
 
 
 def seed_everything(seed: int) -> None:
@@ -126,20 +119,35 @@ class TrainResult:
     wall_time: float
 
 
-class _EpochMeter:
-    """Sums of the epoch's metrics kept on device; read (one host sync) at log intervals."""
+class EpochMeter:
+    """Sums of the epoch's metrics kept on device; read (one host sync) at log intervals.
+
+    A step whose loss was not finite under fp16 (``out.finite`` False: the GradScaler skips
+    it and lowers its scale) is counted in ``skipped`` and left out of the loss means.
+    """
+
+    LOSSES = ("loss", "ce", "kd", "feat")
 
     def __init__(self, device: torch.device, num_teachers: int):
         zero = lambda *shape: torch.zeros(shape, device=device, dtype=torch.float64)  # noqa: E731
-        self.sums = {k: zero() for k in ("loss", "ce", "kd", "feat", "correct")}
+        self.sums = {k: zero() for k in (*self.LOSSES, "correct", "finite_images", "skipped")}
         self.w_sum = zero(2, num_teachers)
         self.w_sq = zero(2, num_teachers)
         self.count = 0
+        self.scaled = False  # saw fp16 (GradScaler) steps: report `skipped`
 
     def update(self, out, y: Tensor) -> None:
+        """Add one step's :class:`~distill.distiller.StepOutput` (batch targets ``y``)."""
         b = out.per_sample.shape[0]
-        self.sums["loss"] += out.loss.detach() * b
-        for k, v in out.parts.items():
+        values = {"loss": out.loss.detach(), **out.parts}
+        if out.finite is not None:  # fp16: a skipped step adds nothing to the loss means
+            values = {k: torch.where(out.finite, v, 0.0) for k, v in values.items()}
+            self.sums["finite_images"] += out.finite.double() * b
+            self.sums["skipped"] += 1 - out.finite.double()
+            self.scaled = True
+        else:
+            self.sums["finite_images"] += b
+        for k, v in values.items():
             self.sums[k] += v * b
         labels = y if y.ndim == 1 else y.argmax(1)
         self.sums["correct"] += out.logits.detach().argmax(1).eq(labels).sum()
@@ -149,11 +157,11 @@ class _EpochMeter:
             self.w_sq += w.pow(2).sum(1)
         self.count += b
 
-    def reduced(self) -> "_EpochMeter":
+    def reduced(self) -> "EpochMeter":
         """Return a copy whose sums cover every rank (itself when not distributed)."""
         if not distributed.is_distributed():
             return self
-        out = _EpochMeter.__new__(_EpochMeter)
+        out = EpochMeter.__new__(EpochMeter)
         keys = list(self.sums)
         flat = torch.cat([torch.stack([self.sums[k] for k in keys]), self.w_sum.flatten(), self.w_sq.flatten(),
                           torch.tensor([float(self.count)], dtype=torch.float64, device=self.w_sum.device)])
@@ -163,13 +171,22 @@ class _EpochMeter:
         out.w_sum = flat[n:n + size].view_as(self.w_sum)
         out.w_sq = flat[n + size:n + 2 * size].view_as(self.w_sq)
         out.count = int(flat[-1].item())
+        out.scaled = self.scaled
         return out
 
     def read(self) -> Dict[str, float]:
-        n = max(self.count, 1)
-        values = {k: v.item() / n for k, v in self.sums.items()}
-        values["top1"] = 100.0 * values.pop("correct")
-        return values
+        """Return the epoch-to-date means ``loss, ce, kd, feat`` (finite steps), ``top1`` (%) and
+        the number of ``skipped`` (non-finite fp16) steps."""
+        values = {k: v.item() for k, v in self.sums.items()}
+        images = values["finite_images"]
+        if images == 0 and self.count:  # every step so far skipped: no finite loss to report
+            out = {k: float("nan") for k in self.LOSSES}
+        else:
+            out = {k: values[k] / max(images, 1.0) for k in self.LOSSES}
+        out["top1"] = 100.0 * values["correct"] / max(self.count, 1)
+        if self.scaled:
+            out["skipped"] = values["skipped"]
+        return out
 
     def weight_stats(self, names: List[str]) -> Dict[str, float]:
         n = max(self.count, 1)
@@ -229,10 +246,10 @@ class Trainer:
     """
 
     def __init__(self, distiller: Distiller, train_loader, val_loader, data: DataSpec, arch: str,
-                 model_args: Dict[str, Any], optim: OptimConfig, schedule: ScheduleConfig, run: RunConfig,
+                 model_args: Dict[str, Any], schedule: ScheduleConfig, run: RunConfig,
                  run_dir: Path, seed: int, state_extra: Optional[Dict[str, Any]] = None, label: str = "train",
                  batch_transform: Optional[Callable] = None):
-        self.distiller = distiller
+        self.distiller = distiller  # built by distill.build.build_distiller: on its device, with its optimiser
         self.train_loader, self.val_loader = train_loader, val_loader
         self.data, self.arch, self.model_args = data, arch, model_args
         self.schedule, self.run = schedule, run
@@ -244,32 +261,13 @@ class Trainer:
         if distiller.teacher_cache is not None and getattr(batch_transform, "mix_prob", 0.0) > 0:
             raise DistillError("run.teacher_cache: mixup / cutmix change the images after the teachers' "
                                "outputs were cached; set data.mixup=0 and data.cutmix=0, or run.teacher_cache=false")
-        self.device = resolve_device(run.device)
-        self.dtype = autocast_dtype(run.precision, self.device)
-        distiller.to(self.device)
-        self.ddp = self._wrap_ddp() if distributed.is_distributed() else None
-        self.optimizer = build_optimizer(distiller.trainable, optim)
+        self.device = distiller.device
+        self.dtype = PRECISIONS[distiller.settings.precision]
+        self.optimizer = distiller.optimizer
         self.scheduler = build_scheduler(self.optimizer, schedule, len(train_loader))
+        self.logger = open_logger(run.log, self.run_dir) if distributed.is_main() else None
         self.history: List[Dict[str, float]] = []
         self.best_top1, self.best_epoch, self.start_epoch = -1.0, -1, 0
-
-    def _wrap_ddp(self):
-        """Return ``distiller.trainable`` (student + projectors) wrapped in DDP; teachers stay unwrapped.
-
-        With ``run.sync_bn`` the trainable BatchNorms become SyncBatchNorm first (CUDA only:
-        torch's SyncBatchNorm has no CPU kernel).
-        """
-        from torch.nn.parallel import DistributedDataParallel
-
-        trainable = self.distiller.trainable
-        if getattr(self.run, "sync_bn", False):
-            if self.device.type != "cuda":
-                raise DistillError("run.sync_bn: SyncBatchNorm needs CUDA devices; it is not available on CPU")
-            converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(trainable)
-            assert converted is trainable  # the root is not a BatchNorm: children replaced in place
-        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
-            if self.device.type == "cuda" else None
-        return DistributedDataParallel(trainable, device_ids=ids)
 
     # -- checkpoints ----------------------------------------------------------
 
@@ -281,12 +279,10 @@ class Trainer:
 
     def _write_checkpoint(self, name: str, epoch: int) -> None:
         d = self.distiller
-        tensors = {**prefixed(d.student.state_dict(), STUDENT_PREFIX),
-                   **prefixed(d.trainable.projectors.state_dict(), "projectors.")}
+        tensors, task_state = d.state_dict()
         state = {"epoch": epoch, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
                  "history": self.history, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(),
-                 "policy": d.policy.state_dict() if d.policy is not None else {}, **self.state_extra}
+                 "scheduler": self.scheduler.state_dict(), **task_state, **self.state_extra}
         meta = student_metadata(self.arch, d.student, self.model_args, self.data)
         save_checkpoint(self.run_dir / name, tensors, state, meta)
 
@@ -298,15 +294,13 @@ class Trainer:
                 lines = diff(found, expected, key, "in the checkpoint", "in this run")
                 raise DistillError(f"{self.run_dir}/last: cannot resume, the checkpoint's {key} differs from this "
                                    f"run's: " + "; ".join(lines or [f"{key}: {found!r} vs {expected!r}"]))
-        d = self.distiller
         try:
-            d.student.load_state_dict(split_prefix(tensors, STUDENT_PREFIX))
-            d.trainable.projectors.load_state_dict(split_prefix(tensors, "projectors."))
+            self.distiller.load_state_dict(tensors, state)
         except RuntimeError as exc:
             raise DistillError(f"{self.run_dir}/last: checkpoint does not fit this student "
                                f"({str(exc).splitlines()[0][:200]})") from None
-        if d.policy is not None:
-            d.policy.load_state_dict(state["policy"])
+        except DistillError as exc:
+            raise DistillError(f"{self.run_dir}/last: cannot resume: {exc}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = state["history"]
@@ -337,9 +331,13 @@ class Trainer:
             self._resume()
         set_deterministic(self.run.deterministic)
         started = time.perf_counter()
-        with _StopOnSignal() as self._stop:
-            for epoch in range(self.start_epoch, self.schedule.epochs):
-                self._fit_epoch(epoch)
+        try:
+            with _StopOnSignal() as self._stop:
+                for epoch in range(self.start_epoch, self.schedule.epochs):
+                    self._fit_epoch(epoch)
+        finally:
+            if self.logger is not None:
+                self.logger.close()
         last = self.history[-1] if self.history else {}
         return TrainResult(last.get("val_top1", float("nan")), last.get("val_top5", float("nan")),
                            self.best_top1, self.best_epoch, len(self.history), time.perf_counter() - started)
@@ -352,6 +350,9 @@ class Trainer:
         self.distiller.trainable.eval()
         val = evaluate(self._student_logits, self.val_loader, self.device, self.dtype)
         row.update({f"val_{k}": v for k, v in val.items()})
+        if self.distiller.ema is not None:  # the EMA student beside the raw one
+            ema = evaluate(self.distiller.ema.module, self.val_loader, self.device, self.dtype, desc="eval ema")
+            row.update({f"val_ema_{k}": v for k, v in ema.items()})
         self.history.append(row)
         is_best = val["top1"] > self.best_top1
         if is_best:
@@ -360,9 +361,12 @@ class Trainer:
         if is_best:
             self._save("best", epoch)
         self._write_summary()
+        if self.logger is not None:
+            self.logger.log(row, epoch + 1)
         if distributed.is_main():
+            ema_note = f"  ema top1 {row['val_ema_top1']:.2f}" if "val_ema_top1" in row else ""
             print(f"[{self.label}] epoch {epoch + 1}/{self.schedule.epochs}  loss {row['train_loss']:.4f}  "
-                  f"train top1 {row['train_top1']:.2f}  val top1 {val['top1']:.2f}  top5 {val['top5']:.2f}  "
+                  f"train top1 {row['train_top1']:.2f}  val top1 {val['top1']:.2f}  top5 {val['top5']:.2f}{ema_note}  "
                   f"{row['images_per_sec']:.0f} img/s", flush=True)
         if self._stop.requested(sync=True) and epoch + 1 < self.schedule.epochs:
             raise self._stop.interrupted(self.label, epoch, resumes_at=epoch + 1)
@@ -380,7 +384,7 @@ class Trainer:
         d.trainable.train()
         if d.policy is not None:
             d.policy.begin_epoch(epoch)
-        meter = _EpochMeter(self.device, len(d.pool))
+        meter = EpochMeter(self.device, len(d.pool))
         lr = self.optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"[{self.label}] epoch {epoch + 1}/{self.schedule.epochs}",
@@ -390,13 +394,7 @@ class Trainer:
             keys = batch[2].to(self.device, non_blocking=True) if len(batch) > 2 else None
             if self.batch_transform is not None:
                 x, y = mix_batch(self.batch_transform, x, y)
-            with autocast(self.device, self.dtype):
-                out = d(x, y, trainable=self.ddp, keys=keys)
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            self.optimizer.step()
-            if d.policy is not None and out.signals is not None:
-                d.policy.observe(out.signals, out.weights, out.teachers, out.student, y)
+            out = d.train_step(x, y, keys)
             meter.update(out, y)
             logged = (step + 1) % self.run.log_interval == 0
             if logged:
@@ -422,7 +420,9 @@ class Trainer:
             row.update({f"policy/{k}": v for k, v in d.policy.end_epoch(epoch).items()})
         return row
 
-    def _check_finite(self, meter: _EpochMeter, epoch: int, step: int) -> Dict[str, float]:
+    def _check_finite(self, meter: EpochMeter, epoch: int, step: int) -> Dict[str, float]:
+        """Return the meter's means; raise when the loss is not finite. Under fp16 a non-finite step
+        is the GradScaler's business (skipped, not a crash); only every step skipped raises."""
         values = meter.reduced().read()
         if not math.isfinite(values["loss"]):
             parts = ", ".join(f"{k}={values[k]:.4g}" for k in ("ce", "kd", "feat"))

@@ -81,13 +81,19 @@ class _Run:
     """What a finished run directory says about its student (JSON and YAML only; no tensors)."""
 
     def __init__(self, run_dir: Path, checkpoint: str):
+        from .checkpoint import EMA_PREFIX, STUDENT_PREFIX
+
         self.dir = run_dir
         self.checkpoint = checkpoint
-        self.weights = run_dir / f"{checkpoint}.safetensors"
-        if not self.weights.is_file() or not (run_dir / f"{checkpoint}.json").is_file():
-            raise DistillError(f"{run_dir}: no {checkpoint} checkpoint ({checkpoint}.safetensors + "
-                               f"{checkpoint}.json); is it a distill run directory?")
-        self.state = _read_json(run_dir / f"{checkpoint}.json")
+        stem = "last" if checkpoint == "ema" else checkpoint  # ema: the EMA student of the last checkpoint
+        self.prefix = EMA_PREFIX if checkpoint == "ema" else STUDENT_PREFIX
+        self.weights = run_dir / f"{stem}.safetensors"
+        if not self.weights.is_file() or not (run_dir / f"{stem}.json").is_file():
+            raise DistillError(f"{run_dir}: no {stem} checkpoint ({stem}.safetensors + "
+                               f"{stem}.json); is it a distill run directory?")
+        self.state = _read_json(run_dir / f"{stem}.json")
+        if checkpoint == "ema" and self.state.get("ema_updates") is None:
+            raise DistillError(f"{run_dir}: --checkpoint ema: the run kept no EMA of the student (run.ema was off)")
         last = run_dir / "last.json"
         self.last = _read_json(last) if last.is_file() else self.state
         recipe = run_dir / "recipe.yaml"
@@ -115,10 +121,11 @@ class _Run:
         best_epoch = self.last.get("best_epoch", -1)
         best = self.row(best_epoch)
         pushed = self.row(self.state.get("epoch", -1))
+        column = "val_ema_" if self.checkpoint == "ema" else "val_"
         return {"epochs": len(history), "final_top1": final.get("val_top1"), "final_top5": final.get("val_top5"),
                 "best_top1": best.get("val_top1"), "best_top5": best.get("val_top5"), "best_epoch": best_epoch + 1,
-                "pushed_epoch": self.state.get("epoch", -1) + 1, "pushed_top1": pushed.get("val_top1"),
-                "pushed_top5": pushed.get("val_top5")}
+                "pushed_epoch": self.state.get("epoch", -1) + 1, "pushed_top1": pushed.get(f"{column}top1"),
+                "pushed_top5": pushed.get(f"{column}top5")}
 
 
 # ----------------------------------------------------------------------------- the model card
@@ -257,8 +264,8 @@ def export_run(run_dir: Union[str, Path], out_dir: Union[str, Path], checkpoint:
     from .registry import load_student_checkpoint
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if checkpoint not in ("best", "last"):
-        raise DistillError(f"--checkpoint: {checkpoint!r} is not best or last")
+    if checkpoint not in ("best", "last", "ema"):
+        raise DistillError(f"--checkpoint: {checkpoint!r} is not best, last or ema")
     run = _Run(run_dir, checkpoint)
     if out_dir.resolve() == run_dir.resolve():
         raise DistillError(f"{out_dir}: is the run directory itself; choose another folder")
@@ -268,7 +275,7 @@ def export_run(run_dir: Union[str, Path], out_dir: Union[str, Path], checkpoint:
         foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in HUB_FILES + (PLOT_FILE,))
         if foreign:
             raise DistillError(f"{out_dir}: not empty ({', '.join(foreign[:3])}); choose an empty or new folder")
-    resolved = load_student_checkpoint(run.weights)  # student.* only: no projector, no policy tensor
+    resolved = load_student_checkpoint(run.weights, run.prefix)  # one student: no projector, no policy tensor
     model = resolved.model.eval()
     labels = run.results.get("class_names") or None
     if labels is not None and len(labels) != model.num_classes:

@@ -13,18 +13,18 @@ import yaml
 
 from .data import DataBundle, build_data, build_loader, build_mixup
 from . import distributed
-from .distiller import Distiller
 from .classes import fit_class_count
+from .build import build_distiller
 from .engine import Trainer, TrainResult, autocast_dtype, evaluate, resolve_device, seed_everything
 from .errors import DistillError
 from .fileio import ensure_dir, read_json, write_text
 from .manifest import content_hash, diff
-from .policies import build_policy
-from .recipe import Recipe, TeacherConfig, teacher_configs, to_dict
+from .recipe import Recipe, TeacherConfig, to_dict
+from .recipe_load import teacher_configs
 from .registry import DataSpec, ResolvedModel, load_student_checkpoint, resolve_model
 from .taps import FeatureTap, parse_feature_tap
 from .teacher_cache import teacher_output_cache
-from .teachers import InputAdapter, Teacher, TeacherPool
+from .teachers import InputAdapter, Teacher
 from .views import materialise_views
 from .weightfile import label
 
@@ -65,7 +65,8 @@ def _loaders(recipe: Recipe, bundle: DataBundle):
     eval_batch = distributed.local_batch_size(data.eval_batch_size or 2 * data.batch_size)
     # under torchrun: batch-aligned training shards and sharded evaluation (distill.distributed)
     train = build_loader(bundle.train, batch, True, data.num_workers, recipe.seed,
-                         sampler=distributed.train_sampler(len(bundle.train), data.batch_size, recipe.seed))
+                         sampler=distributed.train_sampler(len(bundle.train), data.batch_size, recipe.seed,
+                                                         data.aug_repeats))
     val = build_loader(bundle.val, eval_batch, False, data.num_workers, recipe.seed,
                        sampler=distributed.eval_sampler(len(bundle.val)))
     return train, val
@@ -135,9 +136,10 @@ class RecipeRunner:
     def _train_alone(self, resolved: ResolvedModel, run_dir: Path, optim, schedule, seed: int, label: str,
                      identity: Dict[str, Any], resume: bool, batch_transform=None) -> TrainResult:
         """Train ``resolved.model`` with cross-entropy alone (no teachers) in ``run_dir``."""
-        distiller = Distiller(resolved.model, TeacherPool([]), None, FeatureTap("pre_logits"), self.bundle.input_size)
+        distiller = build_distiller(resolved.model, [], FeatureTap("pre_logits"), self.bundle.input_size,
+                                    self.recipe.distill, optim, self.recipe.run, self.device)
         trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, resolved.arch,
-                          resolved.model_args, optim, schedule, self.recipe.run, run_dir, seed,
+                          resolved.model_args, schedule, self.recipe.run, run_dir, seed,
                           {"identity": identity}, label, batch_transform=batch_transform)
         return trainer.fit(resume=resume)
 
@@ -201,15 +203,12 @@ class RecipeRunner:
         for t in teachers:
             metrics = self.evaluate_teacher(t)
             report.teachers.append({"name": t.name, **metrics, "source": t.source})
-        pool = TeacherPool(teachers).to(self.device)
 
         seed_everything(recipe.seed)
         student = self._resolve(recipe.student, "student.model", fit_head=True)
-        policy = build_policy(recipe.distill.policy, len(pool), recipe.distill.policy_args) if len(pool) else None
-        student.model.to(self.device)
-        distiller = Distiller(student.model, pool, policy, self.tap, self.bundle.input_size,
-                              recipe.distill.alpha, recipe.distill.beta, recipe.distill.temperature,
-                              recipe.distill.logit_loss)
+        distiller = build_distiller(student.model, teachers, self.tap, self.bundle.input_size, recipe.distill,
+                                    recipe.optim, recipe.run, self.device)
+        pool = distiller.pool
         if recipe.run.teacher_cache and len(pool):
             distiller.teacher_cache = teacher_output_cache(
                 pool, self.bundle.train, self.device, autocast_dtype(recipe.run.precision, self.device),
@@ -217,7 +216,7 @@ class RecipeRunner:
         identity = {"student": recipe.student.model, "teachers": [t.source for t in teachers],
                     "distill": asdict(recipe.distill)}  # the loss and the policy with its arguments
         trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, student.arch,
-                          student.model_args, recipe.optim, recipe.schedule, recipe.run, self.run_dir,
+                          student.model_args, recipe.schedule, recipe.run, self.run_dir,
                           recipe.seed, {"identity": identity}, "distill",
                           batch_transform=build_mixup(recipe.data, self.bundle.num_classes))
         result = trainer.fit(resume=self.resume)

@@ -201,7 +201,7 @@ def _resolve_hub(spec: str, pretrained: bool, build_args: Dict[str, Any], where:
     source: Dict[str, Any] = {"spec": spec, "hf_hub_id": repo_id, "revision": revision or "main", "commit": commit}
     data = None
     if pretrained:
-        data = _data_spec(model)
+        data = model_data_spec(model)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else [
             "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth"]
@@ -251,7 +251,7 @@ def resolve_model(spec: str, *, pretrained: bool = False, weights: Optional[str]
     source: Dict[str, Any] = {"spec": spec}
     data = None
     if pretrained:
-        data = _data_spec(model)
+        data = model_data_spec(model)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         source.update({k: cfg[k] for k in ("hf_hub_id", "url", "file") if cfg.get(k)})
         source["sha256"] = content_hash(model)
@@ -262,7 +262,8 @@ def resolve_model(spec: str, *, pretrained: bool = False, weights: Optional[str]
     return ResolvedModel(model, arch, data, source, recorded_args)
 
 
-def _data_spec(model: nn.Module) -> DataSpec:
+def model_data_spec(model: nn.Module) -> DataSpec:
+    """Return the data config (input size, mean, std) timm resolves for ``model``."""
     cfg = resolve_model_data_config(model)
     return DataSpec(tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]))
 
@@ -299,8 +300,9 @@ def _load_weights_file(spec: str, path: Path, in_chans: Optional[int], args: Dic
     return ResolvedModel(loaded.model, spec, data, source, recorded)
 
 
-def load_student_checkpoint(path: Path) -> ResolvedModel:
-    """Return the student stored in a distill checkpoint ``.safetensors`` file."""
+def load_student_checkpoint(path: Path, prefix: str = STUDENT_PREFIX) -> ResolvedModel:
+    """Return the student stored in a distill checkpoint ``.safetensors`` file (``prefix``
+    ``ema.``: its EMA copy)."""
     meta = read_metadata(path)
     if "distill.arch" not in meta:
         raise DistillError(f"{path}: not a distill checkpoint (no distill.arch metadata); "
@@ -308,7 +310,9 @@ def load_student_checkpoint(path: Path) -> ResolvedModel:
     arch = meta["distill.arch"]
     args = json.loads(meta.get("distill.model_args", "{}"))
     model = timm.create_model(arch, pretrained=False, num_classes=int(meta["distill.num_classes"]), **args)
-    state = split_prefix(load_tensors(path), STUDENT_PREFIX)
+    state = split_prefix(load_tensors(path), prefix)
+    if not state:
+        raise DistillError(f"{path}: holds no {prefix}* tensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise DistillError(f"{path}: checkpoint does not fit {arch} (missing {list(missing)[:3]}, "

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .data import EpochSampler, _SeededDataset, _SeededSampler, dataset_targets
+from .data import EpochSampler, SeededDataset, SeededSampler, dataset_targets
 
 
 class FixedViews(Dataset):
@@ -62,8 +62,8 @@ def materialise_views(dataset: Dataset, num_views: int, seed: int, num_workers: 
     if num_views < 1:
         raise ValueError(f"data.fixed_views: must be >= 1, got {num_views}")
     n = len(dataset)
-    sampler = _SeededSampler(EpochSampler(n, shuffle=False), seed)
-    loader = DataLoader(_SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    sampler = SeededSampler(EpochSampler(n, shuffle=False), seed)
+    loader = DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers)
     views: Optional[Tensor] = None
     for view in range(num_views):
         sampler.set_epoch(view)

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 from distill import cli
 from distill.checkpoint import load_checkpoint
 from distill.pipeline import RecipeRunner
-from distill.recipe import recipe_from_dict
+from distill.recipe_load import recipe_from_dict
 
 torch.set_num_threads(1)
 

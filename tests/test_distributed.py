@@ -13,7 +13,6 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
@@ -69,7 +68,7 @@ def _worker(rank: int, world: int, port: int, raw: dict, out_dir: str) -> None:
     torch.set_num_threads(1)
     from distill import distributed
     from distill.pipeline import RecipeRunner
-    from distill.recipe import recipe_from_dict
+    from distill.recipe_load import recipe_from_dict
 
     trainers: list = []
     _capture_trainers(trainers)
@@ -106,7 +105,7 @@ def test_sharded_sampler_covers_each_global_batch():
 
 def test_two_process_gloo_matches_single_process(tmp_path):
     from distill.pipeline import RecipeRunner
-    from distill.recipe import recipe_from_dict
+    from distill.recipe_load import recipe_from_dict
 
     out = tmp_path / "dumps"
     out.mkdir()

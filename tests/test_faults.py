@@ -18,8 +18,6 @@ import yaml
 
 from distill import cli
 from distill.checkpoint import load_checkpoint
-from distill.errors import DistillError
-from distill.paths import weights_dir
 from distill.runlock import run_lock
 
 from .conftest import SHARED_DATA
@@ -206,7 +204,7 @@ def test_weights_file_that_does_not_fit_names_the_keys(tmp_path, capsys):
 @needs_aka
 def test_file_loaded_teacher_is_complete_named_after_its_file_with_its_normalisation(tmp_path, capsys):
     from distill.dryrun import dry_run
-    from distill.recipe import load_recipe
+    from distill.recipe_load import load_recipe
 
     teacher = {"model": "cifar_resnet56", "model_args": {"num_classes": 10}, "weights": str(RESNET56)}
     recipe = digits_recipe(tmp_path, tmp_path / "run", data={"dataset": "cifar10"}, teachers=[teacher])

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from distill import cli
 from distill.errors import DistillError, RecipeError
-from distill.recipe import recipe_from_dict
+from distill.recipe_load import recipe_from_dict
 
 QUICKSTART = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml").read_text())
 FUZZ = settings(max_examples=150, derandomize=True, deadline=None, database=None,

@@ -15,7 +15,7 @@ from distill import cli  # noqa: E402
 from distill.checkpoint import load_checkpoint, load_tensors  # noqa: E402
 from distill.engine import Trainer  # noqa: E402
 from distill.pipeline import RecipeRunner  # noqa: E402
-from distill.recipe import recipe_from_dict, teacher_configs  # noqa: E402
+from distill.recipe_load import recipe_from_dict, teacher_configs  # noqa: E402
 
 BATCHES_PER_EPOCH = 8  # train_subset 256 / batch 32
 

@@ -8,7 +8,7 @@ import yaml
 
 from distill import cli
 from distill.errors import RecipeError
-from distill.recipe import load_recipe, recipe_from_dict
+from distill.recipe_load import load_recipe, recipe_from_dict
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,8 @@ from distill.data import build_mixup  # noqa: E402
 from distill.engine import mix_batch  # noqa: E402
 from distill.pipeline import make_teacher, teacher_input_size  # noqa: E402
 from distill.projectors import GridProjector, MapProjector, TokenProjector, build_projector  # noqa: E402
-from distill.recipe import DataConfig, TeacherConfig, load_recipe, teacher_configs  # noqa: E402
+from distill.recipe import DataConfig, TeacherConfig  # noqa: E402
+from distill.recipe_load import load_recipe, teacher_configs  # noqa: E402
 from distill.recipe_docs import dataclasses_in_schema, render  # noqa: E402
 from distill.registry import DataSpec, ResolvedModel  # noqa: E402
 from distill.taps import FeatureTap  # noqa: E402
@@ -68,6 +69,8 @@ def test_imagenet_vit_recipes(name):
     d = r.data
     assert d.auto_augment.startswith("rand-") and d.re_prob > 0 and d.mixup > 0 and d.cutmix > 0
     assert d.label_smoothing == 0.1 and r.student.model_args == {"drop_path_rate": 0.1}
+    assert d.aug_repeats == 3 and d.color_jitter == 0.3  # DeiT's repeated augmentation and jitter
+    assert r.run.ema and r.run.ema_decay == 0.99996 and not r.run.ema_warmup and r.optim.clip_grad is None
 
 
 def test_pool_member_named_explicitly_is_not_added_twice():
@@ -216,7 +219,7 @@ def test_train_with_randaugment_erasing_mixup(tmp_path, policy):
     import yaml
 
     from distill.pipeline import RecipeRunner
-    from distill.recipe import recipe_from_dict
+    from distill.recipe_load import recipe_from_dict
 
     _image_tree(tmp_path / "data")
     raw = yaml.safe_load(f"""

@@ -10,7 +10,7 @@ from distill.data import TensorImageDataset, build_loader
 from distill.errors import RecipeError
 from distill.pipeline import RecipeRunner
 from distill.plot import read_summary
-from distill.recipe import recipe_from_dict
+from distill.recipe_load import recipe_from_dict
 from distill.registry import DataSpec
 from distill.taps import FeatureTap
 from distill.teacher_cache import TeacherOutputCache, cache_dir, cache_key, teacher_output_cache

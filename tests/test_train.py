@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from distill import cli
 from distill.engine import Trainer
 from distill.pipeline import RecipeRunner
-from distill.recipe import recipe_from_dict
+from distill.recipe_load import recipe_from_dict
 
 torch.set_num_threads(1)
 

@@ -97,7 +97,8 @@ class WeightingPolicy(nn.Module):
 
     def observe(self, signals: Signals, weights: Weights, teachers: TeacherOutputs,
                 student: StudentOutputs, target: Tensor) -> None:
-        """Called after the optimiser step with this step's (detached) signals and weights."""
+        """Called after each (micro-)batch's backward, before the next ``weights`` call, with its
+        (detached) signals and weights."""
 
     def end_epoch(self, epoch: int) -> Dict[str, float]:
         """Called after the last step of ``epoch``; returns metrics for ``summary.csv``."""
