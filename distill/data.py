@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset, get_worker_info
 
+from .cache.views import PadCrop, ViewAugment, timm_view_augment
 from .errors import DistillError
 from .paths import datasets_dir
 
@@ -229,12 +230,14 @@ def _image_transforms(info: DatasetInfo, size: int, augment: str, mean: Tuple[fl
         eval_tf = T.Compose(geometry + finish)
     if augment == "none":
         train_tf = eval_tf
-    elif augment == "cifar":
-        train_tf = T.Compose(geometry + [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()] + finish)
+    elif augment == "cifar":  # RandomCrop(size, padding=size // 8) + RandomHorizontalFlip, as a replayable view
+        train_tf = ViewAugment(PadCrop(size, size // 8), 0.5, T.Compose(finish),
+                               pre=T.Compose(geometry) if geometry else None)
     elif augment == "timm":
         from timm.data import create_transform
 
-        train_tf = create_transform((3, size, size), is_training=True, mean=mean, std=std, **(timm_args or {}))
+        train_tf = timm_view_augment(
+            create_transform((3, size, size), is_training=True, mean=mean, std=std, **(timm_args or {})))
     else:
         raise DistillError(f"data.augment: {augment!r} is not one of {', '.join(AUGMENTS)}")
     return train_tf, eval_tf
@@ -290,10 +293,8 @@ def _build_digits(cfg: Any, info: DatasetInfo) -> DataBundle:
     if augment == "timm":
         raise DistillError("data.augment: 'timm' augmentation needs image files; digits supports none or cifar")
     train_aug = None
-    if augment == "cifar":
-        from torchvision import transforms as T
-
-        train_aug = T.Compose([T.RandomCrop(size, padding=max(1, size // 8)), T.RandomHorizontalFlip()])
+    if augment == "cifar":  # RandomCrop(size, padding) + RandomHorizontalFlip, as a replayable view
+        train_aug = ViewAugment(PadCrop(size, max(1, size // 8)), 0.5)
     names = [str(int(n)) for n in digits.target_names]
     train = TensorImageDataset(train_images, targets[train_idx].tolist(), mean, std, train_aug, names)
     val = TensorImageDataset(images[test_idx], targets[test_idx].tolist(), mean, std, None, names)
@@ -452,6 +453,11 @@ def _mix(*values: int) -> int:
     return state >> 1
 
 
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """Return the seed a training loader of ``seed`` gives item ``index`` in ``epoch`` (63-bit int)."""
+    return _mix(seed, epoch, index)
+
+
 class EpochSampler(Sampler[int]):
     """Index sampler whose order is a function of (seed, epoch) only.
 
@@ -499,7 +505,7 @@ class _SeededSampler(Sampler):
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         epoch = self.epoch
         for index in self.inner:
-            yield index, _mix(self.seed, epoch, index)
+            yield index, item_seed(self.seed, epoch, index)
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -510,7 +516,7 @@ class _SeededSampler(Sampler):
         return getattr(self.inner, name)
 
 
-class _SeededDataset(Dataset):
+class SeededDataset(Dataset):
     """Runs ``dataset[index]`` with the RNGs seeded by the item seed of ``(index, seed)`` keys.
 
     In a worker process the CPU torch, Python and NumPy RNGs are seeded (they serve this
@@ -571,7 +577,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
     if train:
         inner = sampler if sampler is not None else EpochSampler(len(dataset), shuffle=True, seed=seed)
         loader_sampler: Sampler = _SeededSampler(inner, seed)
-        loader_dataset: Dataset = _SeededDataset(dataset)
+        loader_dataset: Dataset = SeededDataset(dataset)
         drop_last = len(inner) >= batch_size
     else:
         loader_sampler = sampler if sampler is not None else SequentialSampler(dataset)

@@ -21,9 +21,7 @@ from .policies import build_policy
 from .recipe import Recipe, TeacherConfig, teacher_configs, to_dict
 from .registry import DataSpec, ResolvedModel, load_student_checkpoint, resolve_model
 from .taps import FeatureTap, parse_feature_tap
-from .teacher_cache import teacher_output_cache
 from .teachers import InputAdapter, Teacher, TeacherPool
-from .views import materialise_views
 
 
 @dataclass
@@ -109,9 +107,6 @@ class RecipeRunner:
         self.resume = resume
         self.run_dir = recipe.run_dir
         self.bundle = build_data(recipe.data)
-        if recipe.data.fixed_views is not None:  # K fixed augmented views per training image
-            self.bundle.train = materialise_views(self.bundle.train, recipe.data.fixed_views, recipe.seed,
-                                                  recipe.data.num_workers)
         self.data_spec = _data_spec(self.bundle)
         self.train_loader, self.val_loader = _loaders(recipe, self.bundle)
         self.device = resolve_device(recipe.run.device)
@@ -212,10 +207,12 @@ class RecipeRunner:
         distiller = Distiller(student.model, pool, policy, self.tap, self.bundle.input_size,
                               recipe.distill.alpha, recipe.distill.beta, recipe.distill.temperature,
                               recipe.distill.logit_loss)
-        if recipe.run.teacher_cache and len(pool):
-            distiller.teacher_cache = teacher_output_cache(
-                pool, self.bundle.train, self.device, autocast_dtype(recipe.run.precision, self.device),
-                distributed.local_batch_size(recipe.data.eval_batch_size or 2 * recipe.data.batch_size))
+        if recipe.run.teacher_cache is not None and len(pool):  # stored views replayed, teachers looked up
+            from .cache.recipes import cached_train_loader, training_cache
+
+            distiller.teacher_cache = training_cache(recipe, self.bundle, pool, self.device,
+                                                     autocast_dtype(recipe.run.precision, self.device))
+            self.train_loader = cached_train_loader(recipe, self.bundle.train, distiller.teacher_cache)
         identity = {"student": recipe.student.model, "teachers": [t.source for t in teachers],
                     "distill": asdict(recipe.distill)}  # the loss and the policy with its arguments
         trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, student.arch,

@@ -11,6 +11,7 @@ keys get close-match suggestions. ``docs/recipes.md`` documents every key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ class DataConfig:
     augment: Literal["auto", "none", "cifar", "timm"] = "auto"
     train_subset: Optional[int] = None  # first N training images of a fixed class-balanced shuffle
     val_subset: Optional[int] = None
-    fixed_views: Optional[int] = None  # K: augment each training image K times once, show one view per epoch (distill.views)
+    fixed_views: Optional[int] = None  # K views per training image stored in run.teacher_cache; epoch e shows view e mod K
     input_size: Optional[int] = None  # override of the dataset's native resolution
     mean: Optional[List[float]] = None  # override of the dataset's normalisation
     std: Optional[List[float]] = None
@@ -148,7 +149,8 @@ class RunConfig:
     baseline: bool = False  # also train the student alone on the same schedule, for comparison
     progress: bool = True
     plot: bool = False  # draw teacher weights and val top-1 per epoch to <run_dir>/weights.png at the end
-    teacher_cache: bool = False  # run the teachers once per fixed view and reuse their outputs (needs data.fixed_views)
+    teacher_cache: Optional[str] = None  # auto | KEY: teachers' top-k outputs per stored view, built by distill-cache (distill.cache)
+    teacher_top_k: Optional[int] = None  # teacher_cache: logits kept per teacher and view (default: all classes)
     sync_bn: bool = False  # under torchrun (CUDA): SyncBatchNorm in the student (default: per-rank BN statistics)
 
 
@@ -378,12 +380,20 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
             raise RecipeError(f"data.{name}", f"must be >= 0, got {getattr(recipe.data, name)}")
     if recipe.data.fixed_views is not None and recipe.data.fixed_views < 1:
         raise RecipeError("data.fixed_views", f"must be >= 1, got {recipe.data.fixed_views}")
-    if recipe.run.teacher_cache and recipe.data.fixed_views is None:
+    cache = recipe.run.teacher_cache
+    if cache is not None and cache != "auto" and not re.fullmatch(r"[0-9a-f]{32}", cache):
+        raise RecipeError("run.teacher_cache", f"{cache!r} is neither auto nor a 32-hex-digit cache key")
+    if cache is not None and recipe.data.fixed_views is None:
         raise RecipeError("run.teacher_cache", "caching teacher outputs needs a finite set of inputs: set "
                           "data.fixed_views (e.g. 4)")
-    if recipe.run.teacher_cache and (recipe.data.mixup > 0 or recipe.data.cutmix > 0):
+    if cache is None and recipe.data.fixed_views is not None:
+        raise RecipeError("data.fixed_views", "stored views live in the teacher cache: set run.teacher_cache=auto")
+    if cache is not None and (recipe.data.mixup > 0 or recipe.data.cutmix > 0):
         raise RecipeError("run.teacher_cache", "mixup / cutmix mix the images after the teachers' outputs were "
-                          "cached; set data.mixup=0 and data.cutmix=0, or run.teacher_cache=false")
+                          "cached (partners and lambda are not stored); set data.mixup=0 and data.cutmix=0, "
+                          "or run.teacher_cache=null")
+    if recipe.run.teacher_top_k is not None and recipe.run.teacher_top_k < 1:
+        raise RecipeError("run.teacher_top_k", f"must be >= 1, got {recipe.run.teacher_top_k}")
     if recipe.data.num_classes is not None and recipe.data.num_classes < 1:
         raise RecipeError("data.num_classes", f"must be >= 1, got {recipe.data.num_classes}")
 
