@@ -229,3 +229,25 @@ def test_bad_cache_settings_name_the_field(override, field):
     with pytest.raises(RecipeError) as info:
         recipe_from_dict(raw, override)
     assert field in str(info.value)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_ranks_build_disjoint_shards_of_the_same_cache(tmp_path):
+    recipe = _recipe_file(tmp_path)
+    args = ["build", str(recipe), "--views", "2", "--top-k", "3", "--shard-images", "32"]
+    assert cache_main(args) == 0
+    folder = next(cache_root().iterdir())
+    home = tmp_path / "ranks_home"
+    env = dict(os.environ, DISTILL_HOME=str(home), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(_free_port()), "-m", "distill.cli", "cache", *args],
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _files(home / "cache" / "teachers" / folder.name) == _files(folder)

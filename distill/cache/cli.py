@@ -40,8 +40,11 @@ def _build(args: argparse.Namespace) -> int:
         recipe, bundle, pool, device, dtype = _recipe_parts(args.recipe, overrides)
         folder = build_recipe_cache(recipe, bundle, pool, device, dtype, args.shard_images,
                                     progress=recipe.run.progress)
+        main = distributed.is_main()
     finally:
         distributed.shutdown()
+    if not main:
+        return 0
     print(f"teacher cache: {folder}")
     print(f"train from it with: run.teacher_cache={folder.name} (or auto) data.fixed_views="
           f"{recipe.data.fixed_views}" + (f" run.teacher_top_k={recipe.run.teacher_top_k}"

@@ -39,6 +39,9 @@ class PadCrop:
     def __init__(self, size: int, padding: int):
         self.size, self.padding = int(size), int(padding)
 
+    def __repr__(self) -> str:
+        return f"PadCrop(size={self.size}, padding={self.padding})"
+
     def draw(self, image: Any) -> Tuple[int, int, int, int, int]:
         """Return ``(top, left, height, width, interpolation=0)`` in padded coordinates."""
         width, height = image_size(image)
@@ -62,6 +65,9 @@ class ResizedCrop:
     def __init__(self, op: Any):
         self.op = op
         self.choices = list(op.interpolation) if isinstance(op.interpolation, (tuple, list)) else [op.interpolation]
+
+    def __repr__(self) -> str:
+        return f"ResizedCrop({self.op!r})"
 
     def draw(self, image: Any) -> Tuple[int, int, int, int, int]:
         """Return ``(top, left, height, width, interpolation index)`` as timm draws them."""
@@ -113,6 +119,10 @@ class ViewAugment:
                  pre: Optional[Callable] = None):
         self.crop, self.flip_p = crop, float(flip_p)
         self.rest, self.rest_random, self.pre = rest, rest_random, pre
+
+    def __repr__(self) -> str:
+        return (f"ViewAugment(pre={self.pre!r}, crop={self.crop!r}, flip_p={self.flip_p}, rest={self.rest!r}, "
+                f"rest_random={self.rest_random})")
 
     def __call__(self, image: Any) -> Any:
         return self.sample(image)[0]
