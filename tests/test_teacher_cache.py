@@ -251,3 +251,37 @@ def test_two_ranks_build_disjoint_shards_of_the_same_cache(tmp_path):
                             env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _files(home / "cache" / "teachers" / folder.name) == _files(folder)
+
+
+def test_key_tracks_files_seed_views_teachers_top_k_and_dtype(image_tree, tmp_path):
+    import shutil
+
+    from distill.cache.store import cache_key, cache_spec, dataset_fingerprint
+    from distill.pipeline import make_teacher
+    from distill.registry import DataSpec, resolve_model
+    from distill.recipe import TeacherConfig
+    from distill.taps import FeatureTap
+    from distill.teachers import TeacherPool
+
+    root = tmp_path / "copy"
+    shutil.copytree(image_tree, root)
+    bundle = build_data(_data_cfg(root, "cifar"))
+    data = DataSpec(bundle.input_size, bundle.mean, bundle.std)
+
+    def pool(seed=0, tap="pre_logits"):
+        torch.manual_seed(seed)
+        resolved = resolve_model("cifar_resnet8", num_classes=3)
+        return TeacherPool([make_teacher("0:r8", TeacherConfig("cifar_resnet8"), resolved, data, FeatureTap(tap))])
+
+    def key(dataset=bundle.train, seed=0, views=2, top_k=3, teachers=None, dtype=None):
+        return cache_key(cache_spec(dataset, {"augment": "cifar"}, seed, views, top_k, 3, teachers or pool(), dtype))
+
+    base = key()
+    assert base == key()  # deterministic: same files, weights, settings
+    others = [key(seed=1), key(views=3), key(top_k=2), key(teachers=pool(seed=1)),
+              key(teachers=pool(tap="last_map")), key(dtype=torch.bfloat16)]
+    assert len({base, *others}) == 7
+    before = dataset_fingerprint(bundle.train)
+    path = root / "train" / "class1" / "3.png"
+    path.write_bytes(path.read_bytes() + b"\0")  # one file changes size
+    assert dataset_fingerprint(build_data(_data_cfg(root, "cifar")).train)["files"] != before["files"]
