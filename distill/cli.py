@@ -1,5 +1,5 @@
 """Command line: ``distill-train``, ``distill-eval``, ``distill-zoo``, ``distill-plot``,
-``distill-push`` (also ``python -m distill.cli {train,eval,zoo,plot,push} ...``).
+``distill-push``, ``distill-cache`` (also ``python -m distill.cli {train,eval,zoo,plot,push,cache} ...``).
 
 User errors (bad recipe, unknown model, missing data, corrupt file) print one line
 ``error: ...`` and exit with code 2, without a traceback.
@@ -242,17 +242,24 @@ def _push(argv: List[str]) -> int:
     return 0
 
 
+def _cache(argv: List[str]) -> int:
+    from .cache.cli import main as cache_cli
+
+    return cache_cli(argv)
+
+
 train_main = _guarded(_train)
 eval_main = _guarded(_eval)
 zoo_main = _guarded(_zoo)
 plot_main = _guarded(_plot)
 push_main = _guarded(_push)
+cache_main = _guarded(_cache)
 
-_COMMANDS = {"train": train_main, "eval": eval_main, "zoo": zoo_main, "plot": plot_main, "push": push_main}
+_COMMANDS = {"train": train_main, "eval": eval_main, "zoo": zoo_main, "plot": plot_main, "push": push_main, "cache": cache_main}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m distill.cli {train,eval,zoo,plot,push} ...``."""
+    """``python -m distill.cli {train,eval,zoo,plot,push,cache} ...``."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in _COMMANDS:
         print(f"usage: python -m distill.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset, get_worker_info
 
+from .cache.views import PadCrop, ViewAugment, timm_view_augment
 from .errors import DistillError
 from .fetch import dataset_hint, is_offline
 from .paths import datasets_dir
@@ -230,12 +231,14 @@ def _image_transforms(info: DatasetInfo, size: int, augment: str, mean: Tuple[fl
         eval_tf = T.Compose(geometry + finish)
     if augment == "none":
         train_tf = eval_tf
-    elif augment == "cifar":
-        train_tf = T.Compose(geometry + [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()] + finish)
+    elif augment == "cifar":  # RandomCrop(size, padding=size // 8) + RandomHorizontalFlip, as a replayable view
+        train_tf = ViewAugment(PadCrop(size, size // 8), 0.5, T.Compose(finish),
+                               pre=T.Compose(geometry) if geometry else None)
     elif augment == "timm":
         from timm.data import create_transform
 
-        train_tf = create_transform((3, size, size), is_training=True, mean=mean, std=std, **(timm_args or {}))
+        train_tf = timm_view_augment(
+            create_transform((3, size, size), is_training=True, mean=mean, std=std, **(timm_args or {})))
     else:
         raise DistillError(f"data.augment: {augment!r} is not one of {', '.join(AUGMENTS)}")
     return train_tf, eval_tf
@@ -291,10 +294,8 @@ def _build_digits(cfg: Any, info: DatasetInfo) -> DataBundle:
     if augment == "timm":
         raise DistillError("data.augment: 'timm' augmentation needs image files; digits supports none or cifar")
     train_aug = None
-    if augment == "cifar":
-        from torchvision import transforms as T
-
-        train_aug = T.Compose([T.RandomCrop(size, padding=max(1, size // 8)), T.RandomHorizontalFlip()])
+    if augment == "cifar":  # RandomCrop(size, padding) + RandomHorizontalFlip, as a replayable view
+        train_aug = ViewAugment(PadCrop(size, max(1, size // 8)), 0.5)
     names = [str(int(n)) for n in digits.target_names]
     train = TensorImageDataset(train_images, targets[train_idx].tolist(), mean, std, train_aug, names)
     val = TensorImageDataset(images[test_idx], targets[test_idx].tolist(), mean, std, None, names)
@@ -461,6 +462,11 @@ def epoch_order_seed(seed: int, epoch: int) -> int:
     return _mix(seed, epoch)
 
 
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """Return the seed a training loader of ``seed`` gives item ``index`` in ``epoch`` (63-bit int)."""
+    return _mix(seed, epoch, index)
+
+
 class EpochSampler(Sampler[int]):
     """Index sampler whose order is a function of (seed, epoch) only.
 
@@ -513,7 +519,7 @@ class SeededSampler(Sampler):
                 yield index, (_mix(self.seed, epoch, index, copy) if copy else _mix(self.seed, epoch, index))
             return
         for index in self.inner:
-            yield index, _mix(self.seed, epoch, index)
+            yield index, item_seed(self.seed, epoch, index)
 
     def __len__(self) -> int:
         return len(self.inner)

@@ -137,7 +137,7 @@ class Distiller:
         self.policy = policy
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.logit_loss = logit_loss
-        self.teacher_cache = None  # a distill.teacher_cache.TeacherOutputCache: teachers' outputs by view key
+        self.teacher_cache = None  # a distill.cache.store.TeacherCache: teachers' outputs by view key
         projectors = self._size_projectors(student, tap, input_shape) if len(pool) else []
         self.trainable = StudentWithProjectors(student, tap, input_shape, projectors)
         # training state (set by `setup_training`)
@@ -322,8 +322,8 @@ class Distiller:
         """Return the :class:`StepOutput` of batch ``x`` with labels or soft targets ``target``.
 
         ``trainable`` overrides the module that runs the student (a DDP wrapper of
-        :attr:`trainable`). ``keys`` ``(B,)``: the fixed-view keys of ``x``
-        (:mod:`distill.views`); with :attr:`teacher_cache` set, the teachers' outputs are
+        :attr:`trainable`). ``keys`` ``(B,)``: the stored-view keys of ``x``
+        (:mod:`distill.cache`); with :attr:`teacher_cache` set, the teachers' outputs are
         looked up by them instead of computed.
         """
         # Teachers first: their activations are freed before the student's, which autograd

@@ -260,7 +260,7 @@ class Trainer:
         self.batch_transform = batch_transform  # e.g. timm Mixup: (x, y) -> (x', soft targets (B, C))
         if distiller.teacher_cache is not None and getattr(batch_transform, "mix_prob", 0.0) > 0:
             raise DistillError("run.teacher_cache: mixup / cutmix change the images after the teachers' "
-                               "outputs were cached; set data.mixup=0 and data.cutmix=0, or run.teacher_cache=false")
+                               "outputs were cached; set data.mixup=0 and data.cutmix=0, or run.teacher_cache=null")
         self.device = distiller.device
         self.dtype = PRECISIONS[distiller.settings.precision]
         self.optimizer = distiller.optimizer
@@ -389,7 +389,7 @@ class Trainer:
         started = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"[{self.label}] epoch {epoch + 1}/{self.schedule.epochs}",
                    leave=False, disable=not (self.run.progress and sys.stderr.isatty()), file=sys.stderr)
-        for step, batch in enumerate(bar):  # (x, y), or (x, y, view keys) with data.fixed_views
+        for step, batch in enumerate(bar):  # (x, y), or (x, y, view keys) with run.teacher_cache
             x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
             keys = batch[2].to(self.device, non_blocking=True) if len(batch) > 2 else None
             if self.batch_transform is not None:

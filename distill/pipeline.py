@@ -23,9 +23,7 @@ from .recipe import Recipe, TeacherConfig, to_dict
 from .recipe_load import teacher_configs
 from .registry import DataSpec, ResolvedModel, load_student_checkpoint, resolve_model
 from .taps import FeatureTap, parse_feature_tap
-from .teacher_cache import teacher_output_cache
 from .teachers import InputAdapter, Teacher
-from .views import materialise_views
 from .weightfile import label
 
 
@@ -113,9 +111,6 @@ class RecipeRunner:
         self.resume = resume
         self.run_dir = recipe.run_dir
         self.bundle = build_data(recipe.data)
-        if recipe.data.fixed_views is not None:  # K fixed augmented views per training image
-            self.bundle.train = materialise_views(self.bundle.train, recipe.data.fixed_views, recipe.seed,
-                                                  recipe.data.num_workers)
         self.data_spec = _data_spec(self.bundle)
         self.train_loader, self.val_loader = _loaders(recipe, self.bundle)
         self.device = resolve_device(recipe.run.device)
@@ -209,10 +204,12 @@ class RecipeRunner:
         distiller = build_distiller(student.model, teachers, self.tap, self.bundle.input_size, recipe.distill,
                                     recipe.optim, recipe.run, self.device)
         pool = distiller.pool
-        if recipe.run.teacher_cache and len(pool):
-            distiller.teacher_cache = teacher_output_cache(
-                pool, self.bundle.train, self.device, autocast_dtype(recipe.run.precision, self.device),
-                distributed.local_batch_size(recipe.data.eval_batch_size or 2 * recipe.data.batch_size))
+        if recipe.run.teacher_cache is not None and len(pool):  # stored views replayed, teachers looked up
+            from .cache.recipes import cached_train_loader, training_cache
+
+            distiller.teacher_cache = training_cache(recipe, self.bundle, pool, self.device,
+                                                     autocast_dtype(recipe.run.precision, self.device))
+            self.train_loader = cached_train_loader(recipe, self.bundle.train, distiller.teacher_cache)
         identity = {"student": recipe.student.model, "teachers": [t.source for t in teachers],
                     "distill": asdict(recipe.distill)}  # the loss and the policy with its arguments
         trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, student.arch,

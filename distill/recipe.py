@@ -40,7 +40,7 @@ class DataConfig:
     augment: Literal["auto", "none", "cifar", "timm"] = "auto"
     train_subset: Optional[int] = None  # first N training images of a fixed class-balanced shuffle
     val_subset: Optional[int] = None
-    fixed_views: Optional[int] = None  # K: augment each training image K times once, show one view per epoch (distill.views)
+    fixed_views: Optional[int] = None  # K views per training image stored in run.teacher_cache; epoch e shows view e mod K
     input_size: Optional[int] = None  # override of the dataset's native resolution
     mean: Optional[List[float]] = None  # override of the dataset's normalisation
     std: Optional[List[float]] = None
@@ -162,7 +162,8 @@ class RunConfig:
     baseline: bool = False  # also train the student alone on the same schedule, for comparison
     progress: bool = True
     plot: bool = False  # draw teacher weights and val top-1 per epoch to <run_dir>/weights.png at the end
-    teacher_cache: bool = False  # run the teachers once per fixed view and reuse their outputs (needs data.fixed_views)
+    teacher_cache: Optional[str] = None  # auto | KEY: teachers' top-k outputs per stored view, built by distill-cache (distill.cache)
+    teacher_top_k: Optional[int] = None  # teacher_cache: logits kept per teacher and view (default: all classes)
     sync_bn: bool = False  # under torchrun (CUDA): SyncBatchNorm in the student (default: per-rank BN statistics)
 
 

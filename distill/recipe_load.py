@@ -6,6 +6,7 @@ zoo's pools), which :mod:`distill.recipe` (the schema) does not import.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -77,12 +78,20 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
             raise RecipeError(f"data.{name}", f"must be >= 0, got {getattr(recipe.data, name)}")
     if recipe.data.fixed_views is not None and recipe.data.fixed_views < 1:
         raise RecipeError("data.fixed_views", f"must be >= 1, got {recipe.data.fixed_views}")
-    if recipe.run.teacher_cache and recipe.data.fixed_views is None:
+    cache = recipe.run.teacher_cache
+    if cache is not None and cache != "auto" and not re.fullmatch(r"[0-9a-f]{32}", cache):
+        raise RecipeError("run.teacher_cache", f"{cache!r} is neither auto nor a 32-hex-digit cache key")
+    if cache is not None and recipe.data.fixed_views is None:
         raise RecipeError("run.teacher_cache", "caching teacher outputs needs a finite set of inputs: set "
                           "data.fixed_views (e.g. 4)")
-    if recipe.run.teacher_cache and (recipe.data.mixup > 0 or recipe.data.cutmix > 0):
+    if cache is None and recipe.data.fixed_views is not None:
+        raise RecipeError("data.fixed_views", "stored views live in the teacher cache: set run.teacher_cache=auto")
+    if cache is not None and (recipe.data.mixup > 0 or recipe.data.cutmix > 0):
         raise RecipeError("run.teacher_cache", "mixup / cutmix mix the images after the teachers' outputs were "
-                          "cached; set data.mixup=0 and data.cutmix=0, or run.teacher_cache=false")
+                          "cached (partners and lambda are not stored); set data.mixup=0 and data.cutmix=0, "
+                          "or run.teacher_cache=null")
+    if recipe.run.teacher_top_k is not None and recipe.run.teacher_top_k < 1:
+        raise RecipeError("run.teacher_top_k", f"must be >= 1, got {recipe.run.teacher_top_k}")
     if recipe.data.num_classes is not None and recipe.data.num_classes < 1:
         raise RecipeError("data.num_classes", f"must be >= 1, got {recipe.data.num_classes}")
 

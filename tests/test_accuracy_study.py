@@ -30,7 +30,7 @@ def _config(tmp_path: Path) -> Path:
             "student": "cifar_resnet8",
             "teachers": [{"model": "cifar_resnet8", "pretrained": False}, {"model": "cifar_resnet14", "pretrained": False}],
             "schedule": {"name": "cosine", "epochs": 2},
-            "run": {"device": "cpu", "teacher_cache": True},
+            "run": {"device": "cpu", "teacher_cache": "auto"},
         }],
         "policies": {"none": {"teachers": []}, "aver": {"distill.policy": "aver"},
                      "camkd": {"distill.policy": "camkd", "distill.temperature": 2.0}},

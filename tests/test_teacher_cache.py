@@ -1,166 +1,287 @@
-"""Fixed augmented views (distill.views) and the teacher-output cache (distill.teacher_cache)."""
+"""The teacher-output cache (distill.cache): replayed views, top-k soft labels, shards, keys, training."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from torchvision import transforms as T
+from PIL import Image
 
-from distill.data import TensorImageDataset, build_loader
-from distill.errors import RecipeError
+from distill.cache.items import CachedViews, ViewSampler, load_view
+from distill.cache.store import cache_root, open_cache
+from distill.cache.topk import reconstruct_logits, topk_soft_labels
+from distill.cli import cache_main
+from distill.data import EpochSampler, build_data, build_loader
+from distill.errors import DistillError, RecipeError
+from distill.losses import cross_entropy, kd_loss
 from distill.pipeline import RecipeRunner
 from distill.plot import read_summary
 from distill.recipe_load import recipe_from_dict
-from distill.registry import DataSpec
-from distill.taps import FeatureTap
-from distill.teacher_cache import TeacherOutputCache, cache_dir, cache_key, teacher_output_cache
-from distill.teachers import InputAdapter, Teacher, TeacherPool
-from distill.views import FixedViews, materialise_views
 
 torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parent.parent
 
 
-def _augmented(n: int = 40) -> TensorImageDataset:
-    """Random 3x12x12 images with crop + flip augmentation, labels i % 4."""
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory):
+    """A tiny ImageFolder: 3 classes x 8 train images of varied sizes (random pixels), 2 test each."""
+    root = tmp_path_factory.mktemp("images")
     gen = torch.Generator().manual_seed(0)
-    images = torch.rand(n, 3, 12, 12, generator=gen)
-    aug = T.Compose([T.RandomCrop(12, padding=2), T.RandomHorizontalFlip()])
-    return TensorImageDataset(images, [i % 4 for i in range(n)], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), aug)
+    for split, count in (("train", 8), ("test", 2)):
+        for c in range(3):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = 28 + 3 * i, 40 - 2 * i
+                pixels = (torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
 
 
-def test_view_v_is_what_the_training_loader_shows_in_epoch_v():
-    dataset, seed = _augmented(), 7
-    views = materialise_views(dataset, 3, seed, batch_size=16)
-    assert views.views.shape == (40, 3, 3, 12, 12)
-    loader = build_loader(dataset, 8, True, 0, seed)
-    for epoch in range(3):
-        loader.sampler.set_epoch(epoch)
-        order = [index for index, _ in loader.sampler]
-        seen = torch.cat([x for x, _ in loader])
-        assert torch.equal(seen, views.views[order, epoch])
-    # views differ from each other (the augmentation is random) and from another seed's
-    assert not torch.equal(views.views[:, 0], views.views[:, 1])
-    assert not torch.equal(materialise_views(dataset, 1, seed + 1).views[:, 0], views.views[:, 0])
+def _data_cfg(root, augment, **extra):
+    raw = {"name": "t", "student": "cifar_resnet8", "teachers": [{"model": "cifar_resnet8", "pretrained": False}],
+           "data": {"dataset": "imagefolder", "root": str(root), "augment": augment, "input_size": 24,
+                    "num_workers": 0, **extra}}
+    return recipe_from_dict(raw).data
 
 
-def test_fixed_views_items_carry_their_key_and_draw_views_reproducibly():
-    views = materialise_views(_augmented(), 4, 0)
-    assert isinstance(views, FixedViews) and views.num_views == 4
-    loader = build_loader(views, 10, True, 0, seed=3)
+@pytest.mark.parametrize("augment, extra", [
+    ("cifar", {}),
+    ("timm", {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.5, "interpolation": "random"}),
+])
+def test_replaying_view_v_gives_what_the_live_loader_shows_in_epoch_v(image_tree, augment, extra):
+    bundle = build_data(_data_cfg(image_tree, augment, **extra))
+    seed, views = 5, 3
+    live = build_loader(bundle.train, 6, True, 0, seed)
+    # the records of views 0..2, drawn as the cache build draws them (item seeded as in epoch v)
+    from distill.cache.items import ViewItems, seeded_keys
+    from distill.data import SeededDataset
 
-    picks = {}
-    for epoch in range(6):
-        loader.sampler.set_epoch(epoch)
-        order = [index for index, _ in loader.sampler]
-        xs, ys, keys = map(torch.cat, zip(*[(x, y, k) for x, y, k in loader]))
-        index, view = keys // 4, keys % 4
-        assert index.tolist() == order
-        assert torch.equal(xs, views.views[index, view])
-        assert ys.tolist() == [i % 4 for i in order]
-        picks[epoch] = keys.tolist()
-    assert torch.equal(views.flat_views()[torch.tensor(picks[0])], views.views[torch.tensor(picks[0]) // 4,
-                                                                                 torch.tensor(picks[0]) % 4])
-    loader.sampler.set_epoch(2)
-    assert torch.cat([k for _, _, k in loader]).tolist() == picks[2]  # same epoch, same views
-    used = torch.tensor(sum(picks.values(), [])) % 4
-    assert set(used.tolist()) == {0, 1, 2, 3}  # 240 draws of 4 views: every view shows up
-
-
-def _pool(seed: int = 0, tap: str = "pre_logits") -> TeacherPool:
-    import timm
-
-    import zoo  # noqa: F401
-
-    data = DataSpec((3, 12, 12), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    teachers = []
-    for i, name in enumerate(("cifar_resnet8", "cifar_wrn_16_1")):
-        torch.manual_seed(seed + i)
-        model = timm.create_model(name, num_classes=4)
-        adapter = InputAdapter(data, (0.4, 0.4, 0.4), (0.2, 0.2, 0.2))
-        teachers.append(Teacher(f"{i}:{name}", model, adapter, FeatureTap(tap), (3, 12, 12)))
-    return TeacherPool(teachers)
+    items = SeededDataset(ViewItems(bundle.train))
+    records = torch.zeros(len(bundle.train), views, 7, dtype=torch.int64)
+    for v in range(views):
+        for key in seeded_keys(range(len(bundle.train)), seed, v):
+            records[key[0], v] = items[key][1]
+    cached = build_loader(CachedViews(bundle.train, records), 6, True, 0, seed,
+                          sampler=ViewSampler(EpochSampler(len(bundle.train), True, seed), views))
+    for epoch in range(views):
+        live.sampler.set_epoch(epoch)
+        cached.sampler.set_epoch(epoch)
+        xs, ys = map(torch.cat, zip(*list(live)))
+        cx, cy, keys = map(torch.cat, zip(*list(cached)))
+        assert torch.equal(xs, cx) and torch.equal(ys, cy)
+        assert set((keys % views).tolist()) == {epoch}
+    assert not torch.equal(records[:, 0], records[:, 1])  # the views differ
+    if augment == "timm":  # the later random ops are seeded by the record: another seed, another tensor
+        other = records[0, 0].clone()
+        other[6] += 1
+        assert not torch.equal(load_view(bundle.train, 0, other)[0], load_view(bundle.train, 0, records[0, 0])[0])
 
 
-def test_cache_lookup_matches_running_the_teachers():
-    views = materialise_views(_augmented(24), 2, 0)
-    for tap in ("pre_logits", "last_map"):
-        pool = _pool(tap=tap)
-        cache = TeacherOutputCache.compute(pool, views, torch.device("cpu"), None, batch_size=10)
-        assert len(cache) == 48
-        keys = torch.tensor([5, 0, 47, 12, 5])
-        got = cache.lookup(keys)
-        want = pool(views.flat_views()[keys])
-        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
-        for g, w in zip(got.features + got.embeddings, want.features + want.embeddings):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-        assert (got.embeddings[0] is got.features[0]) == (tap == "pre_logits")
+def test_top_k_reconstruction_keeps_top_k_and_spreads_the_rest():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 12, generator=gen) * 3
+    values, ids, rest = topk_soft_labels(logits, 12)  # k = C: the full logits (fp16)
+    assert rest is None
+    full = reconstruct_logits(values, ids, rest, 12)
+    assert torch.equal(full, logits.half().float())
+    student = torch.randn(5, 12, generator=gen)
+    assert torch.equal(kd_loss(student, full, 4.0), kd_loss(student, logits.half().float(), 4.0))
+
+    values, ids, rest = topk_soft_labels(logits, 4)
+    approx = reconstruct_logits(values, ids, rest, 12)
+    p, q = logits.softmax(-1), approx.softmax(-1)
+    top = p.gather(-1, ids.long())
+    torch.testing.assert_close(q.gather(-1, ids.long()), top, atol=2e-3, rtol=5e-3)  # fp16 logits
+    others = q.scatter(-1, ids.long(), 0.0)
+    torch.testing.assert_close(others.sum(-1), 1 - top.sum(-1), atol=2e-3, rtol=5e-3)  # the rest mass ...
+    spread = others.scatter(-1, ids.long(), float("nan"))
+    assert torch.allclose(spread.nanmean(-1, keepdim=True).expand_as(spread)[~spread.isnan()],
+                          spread[~spread.isnan()])  # ... spread uniformly over the other 8 classes
+    assert not torch.allclose(q, p, atol=1e-3)
+    ce = cross_entropy(approx, torch.zeros(5, dtype=torch.long))  # teacher CE reads the same logits
+    assert ce.shape == (3, 5)
 
 
-def test_cache_round_trips_and_its_key_tracks_inputs_weights_and_tap(tmp_path):
-    views = materialise_views(_augmented(16), 2, 0)
-    pool = _pool()
-    key = cache_key(pool, views, None)
-    assert key == cache_key(_pool(), views, None)  # same weights, views, tap
-    assert key != cache_key(_pool(seed=5), views, None)
-    assert key != cache_key(_pool(tap="last_map"), views, None)
-    assert key != cache_key(pool, materialise_views(_augmented(16), 2, 1), None)
-    assert key != cache_key(pool, views, torch.bfloat16)
-    pool.teachers[1].adapter.shift += 0.1  # another normalisation for one teacher
-    assert key != cache_key(pool, views, None)
-
-    cache = TeacherOutputCache.compute(_pool(tap="last_map"), views, torch.device("cpu"), None)
-    cache.save(tmp_path / "c.safetensors")
-    loaded = TeacherOutputCache.load(tmp_path / "c.safetensors")
-    assert torch.equal(loaded.logits, cache.logits)
-    for a, b in zip(loaded.features + loaded.embeddings, cache.features + cache.embeddings):
-        assert torch.equal(a, b)
-    assert loaded.nbytes == cache.nbytes == 4 * (2 * 32 * 4 + 32 * (64 * 3 * 3 + 64) + 32 * (64 * 3 * 3 + 64))
+def _digits(run_dir, epochs=2, **run):
+    raw = {"name": "cached", "output_dir": str(run_dir), "seed": 1,
+           "data": {"dataset": "digits", "batch_size": 32, "num_workers": 0, "train_subset": 160,
+                    "augment": "cifar", **({"fixed_views": 2} if run else {})},
+           "student": "cifar_resnet8",
+           "teachers": [{"model": "cifar_resnet8", "pretrained": False},
+                        {"model": "cifar_resnet14", "pretrained": False}],
+           "distill": {"policy": "camkd", "features": "pre_logits"},
+           "schedule": {"name": "cosine", "epochs": epochs},
+           "run": {"progress": False, "device": "cpu", **run}}
+    return recipe_from_dict(raw)
 
 
-def test_teacher_output_cache_computes_once_then_loads(capsys):
-    views = materialise_views(_augmented(16), 2, 0)
-    first = teacher_output_cache(_pool(), views, torch.device("cpu"), None)
-    assert "ran 2 teachers once on 16 images x 2 views" in capsys.readouterr().out
-    assert len(list(cache_dir().glob("*.safetensors"))) == 1
-    second = teacher_output_cache(_pool(), views, torch.device("cpu"), None)
-    assert "loaded" in capsys.readouterr().out
-    assert torch.equal(first.logits, second.logits)
-
-
-def _digits_recipe(run_dir: Path, **run):
-    return recipe_from_dict({
-        "name": "cached", "output_dir": str(run_dir), "seed": 1,
-        "data": {"dataset": "digits", "batch_size": 32, "num_workers": 0, "train_subset": 192,
-                 "augment": "cifar", "fixed_views": 3},
-        "student": "cifar_resnet8",
-        "teachers": [{"model": "cifar_resnet8", "pretrained": False}, {"model": "cifar_resnet14", "pretrained": False}],
-        "distill": {"policy": "camkd", "features": "last_map"},
-        "schedule": {"name": "cosine", "epochs": 2},
-        "run": {"progress": False, "device": "cpu", **run}})
-
-
-def test_distillation_with_the_cache_matches_running_the_teachers(tmp_path, monkeypatch):
-    plain = RecipeRunner(_digits_recipe(tmp_path / "plain")).run()
+def test_a_cached_run_equals_a_live_run_on_the_same_views(tmp_path, monkeypatch):
+    plain = RecipeRunner(_digits(tmp_path / "plain")).run()
     calls = []
+    from distill.teachers import TeacherPool
+
     original = TeacherPool.forward
     monkeypatch.setattr(TeacherPool, "forward", lambda self, x: calls.append(x.shape[0]) or original(self, x))
-    cached = RecipeRunner(_digits_recipe(tmp_path / "cached", teacher_cache=True)).run()
-    # the pool ran on the 2-image projector-sizing batch and once on each of the 192 x 3 views,
-    # never in a training step (the teachers' test evaluation calls the models directly)
-    assert sum(calls) == 2 + 192 * 3
+    cached = RecipeRunner(_digits(tmp_path / "cached", teacher_cache="auto")).run()
+    # the pool ran on the 2-image projector-sizing batch and once on each of the 160 x 2 views only
+    assert sum(calls) == 2 + 160 * 2
     a, b = read_summary(tmp_path / "plain"), read_summary(tmp_path / "cached")
     for column in ("train_loss", "train_kd", "train_feat", "val_top1", "w_logit_mean/0:cifar_resnet8"):
-        assert [r[column] for r in a] == pytest.approx([r[column] for r in b], rel=1e-5, abs=1e-6)
+        assert [r[column] for r in a] == pytest.approx([r[column] for r in b], rel=1e-4, abs=1e-5)  # fp16 storage
     assert cached.student["final_top1"] == pytest.approx(plain.student["final_top1"], abs=1e-9)
+    calls.clear()
+    again = RecipeRunner(_digits(tmp_path / "again", teacher_cache="auto")).run()  # loaded, not rebuilt
+    assert sum(calls) == 2 and again.student["final_top1"] == cached.student["final_top1"]
+
+
+def _recipe_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({
+        "name": "c", "output_dir": str(tmp_path / "run"), "seed": 3,
+        "data": {"dataset": "digits", "num_workers": 0, "train_subset": 96, "augment": "cifar", "batch_size": 16},
+        "student": "cifar_resnet8",
+        "teachers": [{"model": "cifar_resnet8", "pretrained": False}, {"model": "cifar_resnet14", "pretrained": False}],
+        "distill": {"features": "last_map"}, "run": {"device": "cpu", "progress": False}}))
+    return path
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_killed_build_resumes_to_a_byte_identical_cache(tmp_path, capsys):
+    recipe = _recipe_file(tmp_path)
+    args = ["build", str(recipe), "--views", "3", "--top-k", "4", "--shard-images", "16"]
+    assert cache_main(args) == 0
+    folder = next(cache_root().iterdir())
+    whole = _files(folder)
+    assert len([n for n in whole if n.endswith(".safetensors")]) == 6
+    info = capsys.readouterr()
+    assert cache_main(["info", folder.name]) == 0
+    out = capsys.readouterr().out
+    assert "96/96 images (6 of 6 shards)" in out and "top-k      4 of 10" in out and "3 per image" in out
+
+    home = tmp_path / "killed_home"
+    env = dict(os.environ, DISTILL_HOME=str(home), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+               DISTILL_TEST_SHARD_DELAY="0.4")
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "cache", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    killed_folder = home / "cache" / "teachers" / folder.name
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(killed_folder.glob("shard-*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = _files(killed_folder)
+    assert "index.json" not in partial and 2 <= sum(n.endswith(".json") and n.startswith("shard") for n in partial) < 6
+    result = subprocess.run([sys.executable, "-m", "distill.cli", "cache", *args], env=dict(env, DISTILL_TEST_SHARD_DELAY="0"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    resumed = _files(killed_folder)
+    assert {n for n in resumed if not n.startswith(".")} == set(whole)
+    assert all(resumed[n] == whole[n] for n in whole)
+
+
+def test_mismatched_or_corrupt_cache_is_refused_with_exit_2(tmp_path, capsys):
+    recipe = _recipe_file(tmp_path)
+    assert cache_main(["build", str(recipe), "--views", "2", "--shard-images", "32"]) == 0
+    folder = next(cache_root().iterdir())
+    train = ["train", str(recipe), "run.teacher_cache=" + folder.name, "data.fixed_views=2", "schedule.epochs=1", "schedule.name=constant"]
+    from distill.cli import main
+
+    capsys.readouterr()
+    assert main([*train[:1], *train[1:], "data.fixed_views=3"]) == 2  # another view count
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "views: 2 in the cache, 3 in this recipe" in err
+    assert main([*train, "distill.features=pre_logits"]) == 2  # another tap
+    assert "tap" in capsys.readouterr().err
+
+    shard = folder / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(train) == 2
+    err = capsys.readouterr().err
+    assert "shard-00001.safetensors" in err and "corrupt" in err
+    with pytest.raises(DistillError):
+        open_cache(folder)
+    assert cache_main(["build", str(recipe), "--views", "2", "--shard-images", "32"]) == 0  # rebuilt
+    assert len(open_cache(folder)) == 96 * 2
+    assert main(train) == 0
 
 
 @pytest.mark.parametrize("override, field", [
-    (["run.teacher_cache=true"], "run.teacher_cache"),
-    (["data.fixed_views=2", "run.teacher_cache=true", "data.mixup=0.2"], "run.teacher_cache"),
-    (["data.fixed_views=0"], "data.fixed_views"),
+    (["run.teacher_cache=auto"], "run.teacher_cache"),
+    (["run.teacher_cache=nonsense", "data.fixed_views=2"], "run.teacher_cache"),
+    (["data.fixed_views=2", "run.teacher_cache=auto", "data.mixup=0.2"], "run.teacher_cache"),
+    (["data.fixed_views=2"], "data.fixed_views"),
+    (["data.fixed_views=0", "run.teacher_cache=auto"], "data.fixed_views"),
+    (["data.fixed_views=2", "run.teacher_cache=auto", "run.teacher_top_k=0"], "run.teacher_top_k"),
 ])
 def test_bad_cache_settings_name_the_field(override, field):
     raw = {"student": "cifar_resnet8", "data": {"dataset": "digits"}, "teachers": [{"model": "cifar_resnet8"}]}
     with pytest.raises(RecipeError) as info:
         recipe_from_dict(raw, override)
     assert field in str(info.value)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_ranks_build_disjoint_shards_of_the_same_cache(tmp_path):
+    recipe = _recipe_file(tmp_path)
+    args = ["build", str(recipe), "--views", "2", "--top-k", "3", "--shard-images", "32"]
+    assert cache_main(args) == 0
+    folder = next(cache_root().iterdir())
+    home = tmp_path / "ranks_home"
+    env = dict(os.environ, DISTILL_HOME=str(home), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(_free_port()), "-m", "distill.cli", "cache", *args],
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _files(home / "cache" / "teachers" / folder.name) == _files(folder)
+
+
+def test_key_tracks_files_seed_views_teachers_top_k_and_dtype(image_tree, tmp_path):
+    import shutil
+
+    from distill.cache.store import cache_key, cache_spec, dataset_fingerprint
+    from distill.pipeline import make_teacher
+    from distill.registry import DataSpec, resolve_model
+    from distill.recipe import TeacherConfig
+    from distill.taps import FeatureTap
+    from distill.teachers import TeacherPool
+
+    root = tmp_path / "copy"
+    shutil.copytree(image_tree, root)
+    bundle = build_data(_data_cfg(root, "cifar"))
+    data = DataSpec(bundle.input_size, bundle.mean, bundle.std)
+
+    def pool(seed=0, tap="pre_logits"):
+        torch.manual_seed(seed)
+        resolved = resolve_model("cifar_resnet8", num_classes=3)
+        return TeacherPool([make_teacher("0:r8", TeacherConfig("cifar_resnet8"), resolved, data, FeatureTap(tap))])
+
+    def key(dataset=bundle.train, seed=0, views=2, top_k=3, teachers=None, dtype=None):
+        return cache_key(cache_spec(dataset, {"augment": "cifar"}, seed, views, top_k, 3, teachers or pool(), dtype))
+
+    base = key()
+    assert base == key()  # deterministic: same files, weights, settings
+    others = [key(seed=1), key(views=3), key(top_k=2), key(teachers=pool(seed=1)),
+              key(teachers=pool(tap="last_map")), key(dtype=torch.bfloat16)]
+    assert len({base, *others}) == 7
+    before = dataset_fingerprint(bundle.train)
+    path = root / "train" / "class1" / "3.png"
+    path.write_bytes(path.read_bytes() + b"\0")  # one file changes size
+    assert dataset_fingerprint(build_data(_data_cfg(root, "cifar")).train)["files"] != before["files"]

@@ -1,0 +1,147 @@
+"""Building a cache: the pool runs once on every view of every training image.
+
+Work is cut into shards of ``shard_images`` consecutive images (all K views each); under
+torchrun rank ``r`` builds the shards ``s`` with ``s mod world = r``. A finished shard is
+renamed into place and then recorded (``shard-NNNNN.json`` with its SHA-256); a restarted
+build skips the recorded shards whose file still matches and rebuilds the rest, so a killed
+build resumes at shard granularity and ends byte-identical to an uninterrupted one (the
+batches are fixed by the shard and view, never by where the build stopped). Rank 0 writes
+``index.json`` last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .. import distributed
+from ..data import SeededDataset
+from ..engine import autocast
+from ..errors import DistillError
+from ..teachers import TeacherPool
+from .items import ViewItems, seeded_keys, shard_ranges
+from .store import file_sha256, read_index, save_shard, shard_name, write_atomic
+from .topk import topk_soft_labels
+from .views import PARAMS
+
+
+_TEST_SHARD_DELAY = float(os.environ.get("DISTILL_TEST_SHARD_DELAY", "0") or 0)  # seconds per shard; tests only
+
+
+def _record_path(folder: Path, shard: int) -> Path:
+    return folder / shard_name(shard).replace(".safetensors", ".json")
+
+
+def shard_done(folder: Path, shard: int) -> bool:
+    """Return True when shard ``shard`` is recorded and its file still has the recorded SHA-256."""
+    record, path = _record_path(folder, shard), folder / shard_name(shard)
+    if not record.is_file() or not path.is_file():
+        return False
+    try:
+        return json.loads(record.read_text())["sha256"] == file_sha256(path)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+class _ShardBuffer:
+    """One shard's outputs ``(n, K, ...)``, filled batch by batch."""
+
+    def __init__(self, count: int, views: int):
+        self.count, self.views = count, views
+        self.tensors: Dict[str, torch.Tensor] = {}
+
+    def put(self, name: str, rows: torch.Tensor, view: int, value: torch.Tensor) -> None:
+        if name not in self.tensors:
+            self.tensors[name] = torch.zeros(self.count, self.views, *value.shape[1:], dtype=value.dtype)
+        self.tensors[name][rows, view] = value
+
+
+def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: TeacherPool, device: torch.device,
+                 dtype: Optional[torch.dtype], batch_size: int, num_workers: int, shard_images: int,
+                 progress: bool = True) -> Dict[str, Any]:
+    """Build the missing or corrupt shards of ``folder`` and return its index (see the module docstring).
+
+    ``spec`` (:func:`distill.cache.store.cache_spec`) gives the seed, views and top-k.
+    """
+    key, views, top_k, seed = spec["key"], spec["views"], spec["top_k"], spec["seed"]
+    spec = {k: v for k, v in spec.items() if k != "key"}
+    folder.mkdir(parents=True, exist_ok=True)
+    started_spec = folder / "spec.json"
+    if started_spec.is_file():  # a build began here: keep its shard layout
+        shard_images = int(json.loads(started_spec.read_text())["shard_images"])
+    elif distributed.is_main():
+        write_atomic(started_spec, json.dumps({"key": key, "spec": spec, "shard_images": shard_images},
+                                              indent=1, sort_keys=True))
+    distributed.barrier()
+    ranges = shard_ranges(len(dataset), shard_images)
+    mine = [s for s in range(len(ranges)) if s % distributed.world_size() == distributed.rank()]
+    todo = [s for s in mine if not shard_done(folder, s)]
+    plan: List[Tuple[int, int, List[Tuple[int, int]]]] = []  # (shard, view, keys of one batch)
+    for s in todo:
+        start, stop = ranges[s]
+        for view in range(views):
+            keys = seeded_keys(range(start, stop), seed, view)
+            plan += [(s, view, keys[i:i + batch_size]) for i in range(0, len(keys), batch_size)]
+    total = sum(len(keys) for _, _, keys in plan)
+    loader = DataLoader(SeededDataset(ViewItems(dataset)), batch_sampler=[keys for _, _, keys in plan],
+                        num_workers=num_workers)
+    bar = tqdm(total=total, unit="img", desc=f"teacher cache {key[:12]}", file=sys.stderr,
+               disable=not (progress and sys.stderr.isatty()), smoothing=0.1)
+    started, buffer, current = time.perf_counter(), None, -1
+    pool.to(device)
+    for (shard, view, keys), (x, records, index) in zip(plan, loader):
+        if shard != current:
+            buffer, current = _ShardBuffer(ranges[shard][1] - ranges[shard][0], views), shard
+        rows = index - ranges[shard][0]
+        with autocast(device, dtype):
+            out = pool(x.to(device, non_blocking=True))
+        values, ids, rest = topk_soft_labels(out.logits.transpose(0, 1), min(top_k, out.logits.shape[-1]))
+        buffer.put("views", rows, view, records)
+        buffer.put("values", rows, view, values.cpu())
+        buffer.put("ids", rows, view, ids.cpu())
+        if rest is not None:
+            buffer.put("rest", rows, view, rest.cpu())
+        for m, (feature, embedding) in enumerate(zip(out.features, out.embeddings)):
+            buffer.put(f"feature.{m}", rows, view, feature.half().cpu())
+            if embedding is not feature:
+                buffer.put(f"embedding.{m}", rows, view, embedding.half().cpu())
+        bar.update(len(keys))
+        if view == views - 1 and int(rows[-1]) == buffer.count - 1:  # the shard's last batch
+            path = folder / shard_name(shard)
+            save_shard(path, buffer.tensors)
+            start, stop = ranges[shard]
+            write_atomic(_record_path(folder, shard), json.dumps(
+                {"file": path.name, "start": start, "count": stop - start, "bytes": path.stat().st_size,
+                 "sha256": file_sha256(path)}, sort_keys=True))
+            buffer = None
+            if _TEST_SHARD_DELAY:  # tests only: slow the build down so a kill lands between shards
+                time.sleep(_TEST_SHARD_DELAY)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    if total and distributed.is_main():
+        print(f"teacher cache {key}: ran {len(pool)} teachers on {total} image views in {elapsed:.1f} s "
+              f"({total / max(elapsed, 1e-9):.0f} images/s)", flush=True)
+    distributed.barrier()
+    if distributed.is_main():
+        shards = []
+        for s in range(len(ranges)):
+            record = _record_path(folder, s)
+            if not record.is_file():
+                raise DistillError(f"teacher cache {folder}: shard {shard_name(s)} was not built")
+            shards.append(json.loads(record.read_text()))
+        index = {"key": key, "spec": spec, "num_images": len(dataset), "views": views, "top_k": top_k,
+                 "params": PARAMS, "shard_images": shard_images, "teachers": [t["name"] for t in spec["teachers"]],
+                 "shards": shards}
+        write_atomic(folder / "index.json", json.dumps(index, indent=1, sort_keys=True))
+    distributed.barrier()
+    index = read_index(folder)
+    assert index is not None  # rank 0 wrote it before the barrier
+    return index

@@ -1,0 +1,118 @@
+"""``distill-cache build RECIPE [--views K] [--top-k k] [overrides]`` and ``distill-cache info KEY|RECIPE``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Tuple
+
+from ..errors import DistillError
+from .store import KEY_LENGTH, cache_root, read_index
+
+
+def _recipe_parts(recipe_path: str, overrides: List[str]) -> Tuple[Any, Any, Any, Any, Any]:
+    """Return ``(recipe, bundle, pool, device, dtype)`` of a recipe file, teachers prepared."""
+    from ..engine import autocast_dtype
+    from ..pipeline import RecipeRunner
+    from ..recipe import load_recipe, teacher_configs
+    from ..teachers import TeacherPool
+
+    recipe = load_recipe(recipe_path, ["run.teacher_cache=auto", *overrides])
+    runner = RecipeRunner(recipe)
+    teachers = [runner.prepare_teacher(i, cfg) for i, cfg in enumerate(teacher_configs(recipe))]
+    if not teachers:
+        raise DistillError(f"{recipe_path}: the recipe has no teachers to cache")
+    pool = TeacherPool(teachers).to(runner.device)
+    return recipe, runner.bundle, pool, runner.device, autocast_dtype(recipe.run.precision, runner.device)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .. import distributed
+    from .recipes import build_recipe_cache
+
+    overrides = list(args.overrides)
+    overrides += [f"data.fixed_views={args.views}"] if args.views is not None else []
+    overrides += [f"run.teacher_top_k={args.top_k}"] if args.top_k is not None else []
+    distributed.init_from_env("auto")
+    try:
+        recipe, bundle, pool, device, dtype = _recipe_parts(args.recipe, overrides)
+        folder = build_recipe_cache(recipe, bundle, pool, device, dtype, args.shard_images,
+                                    progress=recipe.run.progress)
+        main = distributed.is_main()
+    finally:
+        distributed.shutdown()
+    if not main:
+        return 0
+    print(f"teacher cache: {folder}")
+    print(f"train from it with: run.teacher_cache={folder.name} (or auto) data.fixed_views="
+          f"{recipe.data.fixed_views}" + (f" run.teacher_top_k={recipe.run.teacher_top_k}"
+                                          if recipe.run.teacher_top_k else ""))
+    return 0
+
+
+def describe(folder: Path) -> List[str]:
+    """Return the lines ``distill-cache info`` prints for a cache folder (finished or partly built)."""
+    index = read_index(folder)
+    started = folder / "spec.json"
+    if index is None and not started.is_file():
+        raise DistillError(f"no teacher cache in {folder}")
+    head = index if index is not None else json.loads(started.read_text())
+    spec = head["spec"]
+    records = sorted(folder.glob("shard-*.json"))
+    shard_images = int(head["shard_images"])
+    items = int(spec["dataset"]["items"])
+    built = sum(json.loads(r.read_text())["count"] for r in records)
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    per_row = size / max(built * spec["views"] * len(spec["teachers"]), 1)
+    return [f"key        {head['key']}",
+            f"folder     {folder}",
+            f"size       {size / 2**20:.1f} MiB ({per_row:.0f} bytes per image, view and teacher)",
+            f"images     {items}",
+            f"views      {spec['views']} per image",
+            f"teachers   {', '.join(t['name'] for t in spec['teachers'])}",
+            f"tap        {spec['teachers'][0]['tap'][0]}",
+            f"top-k      {spec['top_k']} of {spec['num_classes']} classes",
+            f"autocast   {spec['autocast']}",
+            f"coverage   {built}/{items} images ({len(records)} of {-(-items // shard_images)} shards)"
+            + ("" if index is not None else ", build unfinished")]
+
+
+def _info(args: argparse.Namespace) -> int:
+    target = args.target
+    if Path(target).is_file():
+        from .recipes import recipe_cache_spec
+
+        recipe, bundle, pool, _, dtype = _recipe_parts(target, list(args.overrides))
+        key = recipe_cache_spec(recipe, bundle, pool, dtype)["key"]
+    elif len(target) == KEY_LENGTH:
+        key = target
+    else:
+        raise DistillError(f"{target}: neither a recipe file nor a {KEY_LENGTH}-digit cache key")
+    print("\n".join(describe(cache_root() / key)))
+    return 0
+
+
+def main(argv: List[str]) -> int:
+    """Run ``distill-cache``; returns the exit code (user errors raise DistillError)."""
+    build = argparse.ArgumentParser(prog="distill-cache build",
+                                    description="Run the recipe's teachers once per stored view and save their outputs.")
+    build.add_argument("recipe", help="recipe YAML file")
+    build.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train_subset=4000")
+    build.add_argument("--views", type=int, help="views per image (data.fixed_views; default the recipe's, else 1)")
+    build.add_argument("--top-k", type=int, help="logits kept per teacher and view (run.teacher_top_k; default all)")
+    build.add_argument("--shard-images", type=int, default=1024, help="images per shard (default 1024)")
+    info = argparse.ArgumentParser(prog="distill-cache info",
+                                   description="Print a cache's size, views, teachers, top-k and coverage.")
+    info.add_argument("target", help="a cache key, or a recipe YAML file (its cache)")
+    info.add_argument("overrides", nargs="*", help="with a recipe: dotted overrides")
+    commands = {"build": (build, _build), "info": (info, _info)}
+    if not argv or argv[0] not in commands:
+        print("usage: distill-cache {build,info} ...", file=sys.stderr)
+        return 2
+    parser, run = commands[argv[0]]
+    args = parser.parse_intermixed_args(argv[1:])
+    if argv[0] == "build" and args.shard_images < 1:
+        parser.error("--shard-images must be >= 1")
+    return run(args)

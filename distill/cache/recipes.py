@@ -1,0 +1,87 @@
+"""From a recipe to its teacher cache: the spec and key, ``run.teacher_cache`` and the loader.
+
+``run.teacher_cache: auto`` uses the cache whose key the recipe's spec gives, building it
+first when it does not exist; ``run.teacher_cache: KEY`` uses that cache and refuses it
+(naming what differs) when it was built for other data, views, teachers, tap, top-k or
+precision. Either way a missing or corrupt shard is refused; ``distill-cache build``
+rebuilds it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .. import distributed
+from ..data import DataBundle, build_loader
+from ..teachers import TeacherPool
+from .build import build_shards
+from .items import CachedViews, ViewSampler
+from .store import TeacherCache, cache_key, cache_root, cache_spec, open_cache
+
+DEFAULT_SHARD_IMAGES = 1024
+
+
+def augment_spec(recipe: Any, bundle: DataBundle) -> Dict[str, Any]:
+    """Return the data settings the views depend on (resolved size and normalisation included)."""
+    d = recipe.data
+    return {"dataset": d.dataset, "augment": d.augment, "input_size": list(bundle.input_size),
+            "mean": [round(float(v), 7) for v in bundle.mean], "std": [round(float(v), 7) for v in bundle.std],
+            "auto_augment": d.auto_augment, "re_prob": d.re_prob, "color_jitter": d.color_jitter,
+            "interpolation": d.interpolation}
+
+
+def recipe_cache_spec(recipe: Any, bundle: DataBundle, pool: TeacherPool,
+                      dtype: Optional[torch.dtype]) -> Dict[str, Any]:
+    """Return the cache spec of a recipe (``data.fixed_views`` views, ``run.teacher_top_k``), with its ``key``."""
+    top_k = min(recipe.run.teacher_top_k or bundle.num_classes, bundle.num_classes)
+    spec = cache_spec(bundle.train, augment_spec(recipe, bundle), recipe.seed, recipe.data.fixed_views or 1,
+                      top_k, bundle.num_classes, pool, dtype)
+    return {"key": cache_key(spec), **spec}
+
+
+def rebuild_hint(recipe_path: Optional[str] = None) -> str:
+    """Return the end of a refusal message: how to (re)build the cache."""
+    return f"; rebuild it with: distill-cache build {recipe_path or 'RECIPE'}"
+
+
+def build_recipe_cache(recipe: Any, bundle: DataBundle, pool: TeacherPool, device: torch.device,
+                       dtype: Optional[torch.dtype], shard_images: int = DEFAULT_SHARD_IMAGES,
+                       progress: bool = True) -> Path:
+    """Build (or finish, or repair) the recipe's cache and return its folder."""
+    spec = recipe_cache_spec(recipe, bundle, pool, dtype)
+    folder = cache_root() / spec["key"]
+    batch = distributed.local_batch_size(recipe.data.eval_batch_size or 2 * recipe.data.batch_size)
+    build_shards(folder, spec, bundle.train, pool, device, dtype, batch, recipe.data.num_workers, shard_images,
+                 progress)
+    return folder
+
+
+def training_cache(recipe: Any, bundle: DataBundle, pool: TeacherPool, device: torch.device,
+                   dtype: Optional[torch.dtype]) -> TeacherCache:
+    """Return the cache ``run.teacher_cache`` names for this recipe (``auto``: built when absent)."""
+    spec = recipe_cache_spec(recipe, bundle, pool, dtype)
+    setting = recipe.run.teacher_cache
+    key = spec["key"] if setting == "auto" else setting
+    folder = cache_root() / key
+    if setting == "auto" and not (folder / "index.json").is_file():
+        build_recipe_cache(recipe, bundle, pool, device, dtype, progress=recipe.run.progress)
+    cache = open_cache(folder, {k: v for k, v in spec.items() if k != "key"}, rebuild_hint())
+    if distributed.is_main():
+        print(f"teacher cache: {folder} ({len(cache)} image views, top-{spec['top_k']}, "
+              f"{cache.nbytes / 2**20:.0f} MiB)", flush=True)
+    return cache
+
+
+def cached_train_loader(recipe: Any, train: Dataset, cache: TeacherCache) -> DataLoader:
+    """Return the training loader replaying the cache's views: ``(x, y, key)`` batches, view ``epoch mod K``."""
+    inner = distributed.train_sampler(len(train), recipe.data.batch_size, recipe.seed)
+    if inner is None:
+        from ..data import EpochSampler
+
+        inner = EpochSampler(len(train), shuffle=True, seed=recipe.seed)
+    return build_loader(CachedViews(train, cache.records), distributed.local_batch_size(recipe.data.batch_size),
+                        True, recipe.data.num_workers, recipe.seed, sampler=ViewSampler(inner, cache.num_views))
