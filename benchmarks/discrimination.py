@@ -179,7 +179,11 @@ class DiscriminationStudy(accuracy.Study):
 
 
 def weight_report(study: accuracy.Study) -> str:
-    """Return Markdown tables of the last epoch's mean weight on each teacher, mean over seeds."""
+    """Return Markdown tables of the last epoch's mean weight on each teacher, mean over seeds;
+    the share of the corrupted teachers relative to uniform (``M × w``); and the logit weight on
+    (sample, teacher) pairs whose teacher's top-1 is wrong, relative to uniform
+    (``w_logit_wrong`` of ``summary.csv``: the per-sample measure, the one that means anything
+    on the blind pool)."""
     out = ["## Mean teacher weight in the last epoch (logit / feature level), mean over seeds\n"]
     corruptions = getattr(study, "corruptions", {})
     for name in study.recipes:
@@ -209,12 +213,16 @@ def weight_report(study: accuracy.Study) -> str:
                     w = statistics.mean(r[f"w_{level}_mean/{names[i]}"] for r in per_seed)
                     worst.append(f"{w * m:.2f}×")
                 share = ", ".join(worst)
-            rows.append(f"| {policy} | {len(per_seed)} | " + " | ".join(cells) + f" | {share or '–'} |")
+            wrong = [r["w_logit_wrong"] for r in per_seed if r.get("w_logit_wrong") not in (None, "")]
+            wrong = [w for w in wrong if w == w]  # NaN: no teacher missed a sample
+            on_wrong = f"{statistics.mean(wrong):.2f}×" if wrong else "–"
+            rows.append(f"| {policy} | {len(per_seed)} | " + " | ".join(cells) + f" | {share or '–'} | {on_wrong} |")
         if not rows:
             continue
         out.append(f"### {name}\n")
-        out.append("| policy | seeds | " + " | ".join(f"`{t}`" for t in names) + " | corrupted / uniform |")
-        out.append("|---|---:|" + "---:|" * len(names) + "---:|")
+        out.append("| policy | seeds | " + " | ".join(f"`{t}`" for t in names)
+                   + " | corrupted / uniform | on wrong / uniform |")
+        out.append("|---|---:|" + "---:|" * len(names) + "---:|---:|")
         out += rows
         out.append("")
     return "\n".join(out)

@@ -124,13 +124,15 @@ class EpochMeter:
 
     A step whose loss was not finite under fp16 (``out.finite`` False: the GradScaler skips
     it and lowers its scale) is counted in ``skipped`` and left out of the loss means.
+    With teachers it also sums the logit weight that went to (sample, teacher) pairs whose
+    teacher's top-1 misses the sample's label: ``w_logit_wrong`` in :meth:`weight_stats`.
     """
 
     LOSSES = ("loss", "ce", "kd", "feat")
 
     def __init__(self, device: torch.device, num_teachers: int):
         zero = lambda *shape: torch.zeros(shape, device=device, dtype=torch.float64)  # noqa: E731
-        self.sums = {k: zero() for k in (*self.LOSSES, "correct", "finite_images", "skipped")}
+        self.sums = {k: zero() for k in (*self.LOSSES, "correct", "finite_images", "skipped", "w_wrong", "wrong")}
         self.w_sum = zero(2, num_teachers)
         self.w_sq = zero(2, num_teachers)
         self.count = 0
@@ -155,6 +157,10 @@ class EpochMeter:
             w = torch.stack([out.weights.logit, out.weights.feat]).double()  # (2, B, M)
             self.w_sum += w.sum(1)
             self.w_sq += w.pow(2).sum(1)
+            if out.teachers is not None:
+                wrong = out.teachers.logits.argmax(-1).ne(labels).t()  # (B, M): teacher m misses sample b
+                self.sums["w_wrong"] += (w[0] * wrong).sum()
+                self.sums["wrong"] += wrong.sum()
         self.count += b
 
     def reduced(self) -> "EpochMeter":
@@ -189,6 +195,10 @@ class EpochMeter:
         return out
 
     def weight_stats(self, names: List[str]) -> Dict[str, float]:
+        """Return per teacher the epoch's mean and std of the logit and feature weights
+        (``w_logit_mean/<name>`` ...) and ``w_logit_wrong``: the mean logit weight on a teacher
+        that misclassifies the sample, times M (1.0: no less than uniform; 0: never; NaN: no
+        teacher missed)."""
         n = max(self.count, 1)
         mean = (self.w_sum / n).cpu()
         std = (self.w_sq / n - mean.to(self.w_sq.device).pow(2)).clamp_min(0).sqrt().cpu()
@@ -197,6 +207,8 @@ class EpochMeter:
             for m, name in enumerate(names):
                 stats[f"w_{label}_mean/{name}"] = mean[level, m].item()
                 stats[f"w_{label}_std/{name}"] = std[level, m].item()
+        wrong = self.sums["wrong"].item()
+        stats["w_logit_wrong"] = self.sums["w_wrong"].item() / wrong * len(names) if wrong else float("nan")
         return stats
 
 
