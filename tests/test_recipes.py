@@ -171,7 +171,7 @@ def test_timm_augmentation_keys_reach_create_transform():
     cfg = DataConfig(dataset="imagefolder", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
                      interpolation="bicubic")
     train_tf, _ = image_transforms(DATASETS["imagefolder"], 224, "timm", (0.5,) * 3, (0.5,) * 3,
-                                    timm_transform_args(cfg))
+                                   timm_transform_args(cfg))
     text = repr(train_tf)
     assert "RandAugment" in text and "RandomErasing" in text
 
