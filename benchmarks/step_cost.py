@@ -298,8 +298,12 @@ def breakdown(steps: Dict[str, Step], x, y, reps: int = 50) -> None:
             return 1000 * (time.process_time() - start) / reps
 
         t_head = cpu_ms(lambda: d.loss_head(student, teachers, y))
+        def head_and_observe():  # MTKD-RL (align) observes the weights() call of the same step
+            s, w_, _, _ = d.loss_head(student, teachers, y)
+            d.policy.observe(s, w_, teachers, student, y)
+
+        t_obs = cpu_ms(head_and_observe) - t_head
         signals, w, per_sample, parts = d.loss_head(student, teachers, y)
-        t_obs = cpu_ms(lambda: d.policy.observe(signals, w, teachers, student, y))
         out = types.SimpleNamespace(per_sample=per_sample, loss=per_sample.mean(), parts=parts,
                                     logits=student.logits, weights=w, finite=None)
         t_meter = cpu_ms(lambda: step.meter.update(out, y))
