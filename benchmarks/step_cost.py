@@ -282,6 +282,8 @@ def breakdown(steps: Dict[str, Step], x, y, reps: int = 50) -> None:
     """Print the CPU ms per step of the toolkit's own work outside the models' forward passes."""
     print("\ntoolkit work per step outside the models (CPU ms, mean of "
           f"{reps}; forward only: the loss head's backward is in the step times):\n")
+    print("(policy.observe = (loss head + observe) - loss head: MTKD-RL observes its own weights() call; "
+          "near 0 it can read slightly negative)\n")
     print("| variant | signals + weights + loss | policy.observe | meter.update |")
     print("|---|---|---|---|")
     for name, step in steps.items():
