@@ -215,8 +215,8 @@ def build_mixup(cfg: Any, num_classes: int) -> Optional[Callable]:
                  label_smoothing=smoothing, num_classes=num_classes)
 
 
-def _image_transforms(info: DatasetInfo, size: int, augment: str, mean: Tuple[float, ...],
-                      std: Tuple[float, ...], timm_args: Optional[Dict[str, Any]] = None) -> Tuple[Callable, Callable]:
+def image_transforms(info: DatasetInfo, size: int, augment: str, mean: Tuple[float, ...],
+                     std: Tuple[float, ...], timm_args: Optional[Dict[str, Any]] = None) -> Tuple[Callable, Callable]:
     """Return (train, eval) transforms from a PIL image to a normalised tensor."""
     from torchvision import transforms as T
 
@@ -325,7 +325,7 @@ def _build_images(cfg: Any, info: DatasetInfo) -> DataBundle:
     else:
         mean, std = info.mean, info.std
     augment = info.augment if cfg.augment == "auto" else cfg.augment
-    train_tf, eval_tf = _image_transforms(info, size, augment, mean, std, timm_transform_args(cfg))
+    train_tf, eval_tf = image_transforms(info, size, augment, mean, std, timm_transform_args(cfg))
 
     if info.name == "imagefolder":
         if not cfg.root:

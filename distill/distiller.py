@@ -151,7 +151,7 @@ class Distiller:
     def _size_projectors(self, student: nn.Module, tap: FeatureTap, input_shape) -> List[nn.Module]:
         """Return one projector per teacher, sized from feature shapes on a dummy batch."""
         param = next(student.parameters())
-        x = torch.zeros(1, *input_shape, device=param.device)  # shapes only: the smallest batch
+        x = torch.zeros(2, *input_shape, device=param.device)
         was_training = student.training
         student.eval()
         with torch.no_grad():

@@ -166,12 +166,12 @@ def test_policies_accept_mixup_soft_targets(policy):
 
 
 def test_timm_augmentation_keys_reach_create_transform():
-    from distill.data import DATASETS, _image_transforms, timm_transform_args
+    from distill.data import DATASETS, image_transforms, timm_transform_args
 
     cfg = DataConfig(dataset="imagefolder", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
                      interpolation="bicubic")
-    train_tf, _ = _image_transforms(DATASETS["imagefolder"], 224, "timm", (0.5,) * 3, (0.5,) * 3,
-                                    timm_transform_args(cfg))
+    train_tf, _ = image_transforms(DATASETS["imagefolder"], 224, "timm", (0.5,) * 3, (0.5,) * 3,
+                                   timm_transform_args(cfg))
     text = repr(train_tf)
     assert "RandAugment" in text and "RandomErasing" in text
 
