@@ -71,10 +71,12 @@ def digits_recipe(tmp_path: Path, run_dir: Path, epochs: int = 1, **extra) -> Pa
 
 def in_process_error(main, args, capsys) -> str:
     """Run a ``distill.cli`` entry point in-process; assert exit 2 and one error line; return it."""
+    capsys.readouterr()
     assert main([str(a) for a in args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
+    lines = [line for line in capsys.readouterr().err.strip().splitlines()
+             if not line.startswith("dry run [")]  # the dry run's progress lines
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
 
 
 # ----------------------------------------------------------------------------- files the tools read

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import distributed
-from ..data import SeededDataset
+from ..data import SeededDataset, ignore_interrupts
 from ..engine import autocast
 from ..errors import DistillError
 from ..teachers import TeacherPool
@@ -92,7 +92,7 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
             plan += [(s, view, keys[i:i + batch_size]) for i in range(0, len(keys), batch_size)]
     total = sum(len(keys) for _, _, keys in plan)
     loader = DataLoader(SeededDataset(ViewItems(dataset)), batch_sampler=[keys for _, _, keys in plan],
-                        num_workers=num_workers)
+                        num_workers=num_workers, worker_init_fn=ignore_interrupts)  # Ctrl-C: the main process stops
     bar = tqdm(total=total, unit="img", desc=f"teacher cache {key[:12]}", file=sys.stderr,
                disable=not (progress and sys.stderr.isatty()), smoothing=0.1)
     started, buffer, current = time.perf_counter(), None, -1

@@ -16,7 +16,7 @@ def _recipe_parts(recipe_path: str, overrides: List[str]) -> Tuple[Any, Any, Any
     """Return ``(recipe, bundle, pool, device, dtype)`` of a recipe file, teachers prepared."""
     from ..engine import autocast_dtype
     from ..pipeline import RecipeRunner
-    from ..recipe import load_recipe, teacher_configs
+    from ..recipe_load import load_recipe, teacher_configs
     from ..teachers import TeacherPool
 
     recipe = load_recipe(recipe_path, ["run.teacher_cache=auto", *overrides])
