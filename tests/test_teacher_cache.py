@@ -129,15 +129,15 @@ def test_a_cached_run_equals_a_live_run_on_the_same_views(tmp_path, monkeypatch)
     original = TeacherPool.forward
     monkeypatch.setattr(TeacherPool, "forward", lambda self, x: calls.append(x.shape[0]) or original(self, x))
     cached = RecipeRunner(_digits(tmp_path / "cached", teacher_cache="auto")).run()
-    # the pool ran on the 1-image projector-sizing batch and once on each of the 160 x 2 views only
-    assert sum(calls) == 1 + 160 * 2
+    # the pool ran on the 2-image projector-sizing batch and once on each of the 160 x 2 views only
+    assert sum(calls) == 2 + 160 * 2
     a, b = read_summary(tmp_path / "plain"), read_summary(tmp_path / "cached")
     for column in ("train_loss", "train_kd", "train_feat", "val_top1", "w_logit_mean/0:cifar_resnet8"):
         assert [r[column] for r in a] == pytest.approx([r[column] for r in b], rel=1e-4, abs=1e-5)  # fp16 storage
     assert cached.student["final_top1"] == pytest.approx(plain.student["final_top1"], abs=1e-9)
     calls.clear()
     again = RecipeRunner(_digits(tmp_path / "again", teacher_cache="auto")).run()  # loaded, not rebuilt
-    assert sum(calls) == 1 and again.student["final_top1"] == cached.student["final_top1"]
+    assert sum(calls) == 2 and again.student["final_top1"] == cached.student["final_top1"]
 
 
 def _recipe_file(tmp_path):
