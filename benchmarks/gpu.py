@@ -33,16 +33,17 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import timm  # noqa: E402
 
 import zoo  # noqa: E402,F401  (registers the zoo models)
+import lower_bound  # noqa: E402  (benchmarks/lower_bound.py)
 from distill.build import build_distiller  # noqa: E402
-from distill.distiller import PRECISIONS, autocast  # noqa: E402
+from distill.distiller import PRECISIONS  # noqa: E402
 from distill.pipeline import make_teacher  # noqa: E402
 from distill.recipe import DistillConfig, OptimConfig, RunConfig, TeacherConfig  # noqa: E402
 from distill.recipe_load import load_recipe, teacher_configs  # noqa: E402
@@ -138,20 +139,7 @@ def bound_step(setting: Setting, row: str, device: torch.device) -> Callable:
             m.compile()
     opt = (torch.optim.AdamW(student.parameters(), lr=setting.optim.lr) if setting.optim.name == "adamw"
            else torch.optim.SGD(student.parameters(), lr=setting.optim.lr, momentum=0.9))
-    dtype = PRECISIONS[precision]
-
-    def step(x, y):
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            with torch.inference_mode():
-                for m in models:
-                    m(x)
-            loss = F.cross_entropy(student(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    return lower_bound.bound_step(models, student, opt, device, PRECISIONS[precision], channels_last)
 
 
 def step_flops(setting: Setting, device: torch.device, x, y) -> int:

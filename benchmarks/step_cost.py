@@ -69,10 +69,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import timm  # noqa: E402
 
 import zoo  # noqa: E402,F401  (registers the zoo models)
+import lower_bound  # noqa: E402  (benchmarks/lower_bound.py)
 from zoo.pools import get_pool  # noqa: E402
 from distill.build import build_distiller  # noqa: E402
 from distill.distiller import Distiller  # noqa: E402
@@ -166,7 +168,7 @@ def build(args: argparse.Namespace, names: List[str]):
         student = copy.deepcopy(student0).train()
         if name == "bound":
             opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
-            steps[name] = Step(name, _bound_step(models, student, opt), student, opt)
+            steps[name] = Step(name, lower_bound.bound_step(models, student, opt, device), student, opt)
         elif name == "bound+kd":
             d_s = student.num_features
             projectors = nn.ModuleList(nn.Linear(d_s, m.num_features) for m in models).to(device)
@@ -191,18 +193,6 @@ def build(args: argparse.Namespace, names: List[str]):
     x = torch.randn(args.batch, *spec.input_size, generator=g).to(device)
     y = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
     return steps, x, y
-
-
-def _bound_step(models, student, opt):
-    def run(x, y):
-        with torch.inference_mode():
-            for m in models:
-                m(x)
-        loss = F.cross_entropy(student(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return run
 
 
 def _bound_kd_step(models, student, projectors, opt):
