@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
@@ -31,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import DistillError
-from .fileio import check_readable, check_write_fault, read_text, write_error
+from .fileio import check_readable, read_text, write_error, write_temp
 
 STUDENT_PREFIX = "student."
 EMA_PREFIX = "ema."  # the EMA of the student (run.ema), same keys as student.*
@@ -68,29 +67,16 @@ def unflatten_state(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
 
 
 def _write_temp(path: Path, write) -> str:
-    """Write a synced temporary file beside ``path`` through ``write(tmp_path)``; return its path.
+    """Return the synced temporary written beside ``path`` by ``write(tmp_path)``
+    (:func:`distill.fileio.write_temp`), its folder created first.
 
     A failed write (full disk, permission) is a DistillError naming ``path``; nothing is left behind.
     """
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from other users
-        check_write_fault(path)
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise write_error(path, exc) from None
-        raise
-    return tmp
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    return write_temp(path, write)
 
 
 def _fsync_dir(folder: Path) -> None:

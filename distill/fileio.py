@@ -124,11 +124,11 @@ def write_error(path: PathLike, exc: OSError) -> DistillError:
     return DistillError(f"{path}: cannot write ({_problem(exc)}); the previous file is kept{hint}")
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
-    """Write ``path`` through ``write(tmp_path)`` into a temporary beside it, fsync, then rename it in.
+def write_temp(path: PathLike, write: Callable[[str], None]) -> str:
+    """Write a synced temporary file beside ``path`` through ``write(tmp_path)``; return its path.
 
-    A failure (full disk, permission) removes the temporary, keeps the old ``path`` whole and
-    raises a DistillError naming ``path``.
+    A failure (full disk, permission) removes the temporary and raises a DistillError naming
+    ``path``; renaming it into place (one file, or several in order) is the caller's commit.
     """
     path = Path(path)
     tmp = None
@@ -142,15 +142,27 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
+        raise
+    return tmp
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """Write ``path`` through ``write(tmp_path)`` into a temporary beside it, fsync, then rename it in.
+
+    A failure (full disk, permission) removes the temporary, keeps the old ``path`` whole and
+    raises a DistillError naming ``path``.
+    """
+    tmp = write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise write_error(path, exc) from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_text(path: PathLike, text: str) -> None:

@@ -100,7 +100,7 @@ def load_complete(model: nn.Module, state: Dict[str, torch.Tensor], path: Path, 
     with the model's shape, and the file has no tensor the model lacks."""
     expected = model.state_dict()
     for pattern in new_keys:
-        if not any(fnmatch.fnmatchcase(k, pattern) for k in expected):
+        if not any(_matches(k, [pattern]) for k in expected):
             raise DistillError(f"new_keys: {pattern!r} matches no tensor of {spec} (its keys look like "
                                f"{_show(list(expected), 3)})")
     state = {k: v for k, v in state.items() if not _matches(k, new_keys)}
@@ -142,19 +142,19 @@ def load_weights_file(spec: str, path: Path, build_args: Dict[str, Any], new_key
     The class count is ``build_args['num_classes']`` if given, else ``num_classes`` (the
     dataset's) when the classifier is listed in ``new_keys``, else the file's.
     """
-    state = read_state_dict(path)
+    raw = read_state_dict(path)
     try:
         model = timm.create_model(spec, pretrained=False, **build_args)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise DistillError(f"{spec}: cannot build the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") \
             from None
-    state = mapped_state(model, state)
+    state = mapped_state(model, raw)
     if "num_classes" not in build_args:
         head_new = any(_matches(k, new_keys) for k in _classifier_keys(model))
         wanted = num_classes if head_new and num_classes is not None else file_num_classes(model, state)
         if wanted is not None and wanted != model.num_classes:
             model = timm.create_model(spec, pretrained=False, **build_args, num_classes=wanted)
-            state = mapped_state(model, read_state_dict(path))
+            state = mapped_state(model, raw)  # the file read once: only the mapping depends on the model
     load_complete(model, state, path, spec, new_keys)
     return LoadedFile(model, data_tag(spec, path))
 

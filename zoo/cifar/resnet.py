@@ -157,7 +157,6 @@ def akamaster_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Module
     return out
 
 
-
 checkpoint_filter_fn = akamaster_filter_fn  # timm's name for a module's key mapping (distill.weightfile finds it)
 
 _AKAMASTER_URL = 'https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/'
