@@ -26,9 +26,10 @@ from .. import distributed
 from ..data import SeededDataset, ignore_interrupts
 from ..engine import autocast
 from ..errors import DistillError
+from ..fileio import read_json, write_text
 from ..teachers import TeacherPool
 from .items import ViewItems, seeded_keys, shard_ranges
-from .store import file_sha256, read_index, save_shard, shard_name, write_atomic
+from .store import file_sha256, read_index, save_shard, shard_name
 from .topk import topk_soft_labels
 from .views import PARAMS
 
@@ -76,9 +77,9 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
     folder.mkdir(parents=True, exist_ok=True)
     started_spec = folder / "spec.json"
     if started_spec.is_file():  # a build began here: keep its shard layout
-        shard_images = int(json.loads(started_spec.read_text())["shard_images"])
+        shard_images = int(read_json(started_spec, "teacher-cache build spec")["shard_images"])
     elif distributed.is_main():
-        write_atomic(started_spec, json.dumps({"key": key, "spec": spec, "shard_images": shard_images},
+        write_text(started_spec, json.dumps({"key": key, "spec": spec, "shard_images": shard_images},
                                               indent=1, sort_keys=True))
     distributed.barrier()
     ranges = shard_ranges(len(dataset), shard_images)
@@ -118,7 +119,7 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
             path = folder / shard_name(shard)
             save_shard(path, buffer.tensors)
             start, stop = ranges[shard]
-            write_atomic(_record_path(folder, shard), json.dumps(
+            write_text(_record_path(folder, shard), json.dumps(
                 {"file": path.name, "start": start, "count": stop - start, "bytes": path.stat().st_size,
                  "sha256": file_sha256(path)}, sort_keys=True))
             buffer = None
@@ -136,11 +137,11 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
             record = _record_path(folder, s)
             if not record.is_file():
                 raise DistillError(f"teacher cache {folder}: shard {shard_name(s)} was not built")
-            shards.append(json.loads(record.read_text()))
+            shards.append(read_json(record, "teacher-cache shard record"))
         index = {"key": key, "spec": spec, "num_images": len(dataset), "views": views, "top_k": top_k,
                  "params": PARAMS, "shard_images": shard_images, "teachers": [t["name"] for t in spec["teachers"]],
                  "shards": shards}
-        write_atomic(folder / "index.json", json.dumps(index, indent=1, sort_keys=True))
+        write_text(folder / "index.json", json.dumps(index, indent=1, sort_keys=True))
     distributed.barrier()
     index = read_index(folder)
     assert index is not None  # rank 0 wrote it before the barrier

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, List, Tuple
 
 from ..errors import DistillError
+from ..fileio import read_json
 from .store import KEY_LENGTH, cache_root, read_index
 
 
@@ -58,12 +58,12 @@ def describe(folder: Path) -> List[str]:
     started = folder / "spec.json"
     if index is None and not started.is_file():
         raise DistillError(f"no teacher cache in {folder}")
-    head = index if index is not None else json.loads(started.read_text())
+    head = index if index is not None else read_json(started, "teacher-cache build spec")
     spec = head["spec"]
     records = sorted(folder.glob("shard-*.json"))
     shard_images = int(head["shard_images"])
     items = int(spec["dataset"]["items"])
-    built = sum(json.loads(r.read_text())["count"] for r in records)
+    built = sum(read_json(r, "teacher-cache shard record")["count"] for r in records)
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     per_row = size / max(built * spec["views"] * len(spec["teachers"]), 1)
     return [f"key        {head['key']}",

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..fileio import atomic_write, write_text
+from ..fileio import atomic_write, read_json
 from ..errors import DistillError
 from ..manifest import content_hash, diff
 from ..paths import distill_home
@@ -64,11 +64,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place (:mod:`distill.fileio`)."""
-    write_text(path, text)
 
 
 def save_shard(path: Path, tensors: Dict[str, Tensor]) -> None:
@@ -140,10 +135,7 @@ def read_index(folder: Path) -> Optional[Dict[str, Any]]:
     path = folder / "index.json"
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DistillError(f"{path}: unreadable teacher-cache index ({exc})") from None
+    return read_json(path, "teacher-cache index")
 
 
 def bad_shards(folder: Path, index: Dict[str, Any]) -> List[str]:
