@@ -516,7 +516,7 @@ class SeededSampler(Sampler):
         epoch = self.epoch
         if hasattr(self.inner, "iter_copies"):  # repeated augmentation: each copy its own augmentation
             for index, copy in self.inner.iter_copies():
-                yield index, (_mix(self.seed, epoch, index, copy) if copy else _mix(self.seed, epoch, index))
+                yield index, (_mix(self.seed, epoch, index, copy) if copy else item_seed(self.seed, epoch, index))
             return
         for index in self.inner:
             yield index, item_seed(self.seed, epoch, index)

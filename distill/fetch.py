@@ -56,14 +56,19 @@ def offline(enabled: bool = True) -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
-def weights_url_file(spec: str) -> Optional[Path]:
-    """Return where the URL-hosted pretrained weights of timm name ``spec`` are cached (None: not URL-hosted)."""
+def _timm_pretrained_cfg(spec: str):
+    """Return timm's pretrained config of ``spec``, or None when ``spec`` is no timm name (Hub id, file)."""
     import timm
     from timm.models import get_pretrained_cfg
 
     if spec.startswith(("hf-hub:", "local-dir:")) or "/" in spec or not timm.is_model(spec):
         return None
-    cfg = get_pretrained_cfg(spec)
+    return get_pretrained_cfg(spec)
+
+
+def weights_url_file(spec: str) -> Optional[Path]:
+    """Return where the URL-hosted pretrained weights of timm name ``spec`` are cached (None: not URL-hosted)."""
+    cfg = _timm_pretrained_cfg(spec)
     if cfg is None or cfg.hf_hub_id or not cfg.url:
         return None
     return weights_dir() / Path(cfg.url).name
@@ -75,13 +80,9 @@ def weights_reachable_offline(spec: str) -> Optional[bool]:
     False when they are certainly not (so an offline run skips the doomed download); None
     when that cannot be told (Hub specs, files: just try).
     """
-    import timm
     import torch
-    from timm.models import get_pretrained_cfg
 
-    if spec.startswith(("hf-hub:", "local-dir:")) or "/" in spec or not timm.is_model(spec):
-        return None
-    cfg = get_pretrained_cfg(spec)
+    cfg = _timm_pretrained_cfg(spec)
     if cfg is None:
         return None
     if cfg.hf_hub_id:
