@@ -113,6 +113,7 @@ def parse_eval_args(argv: List[str]) -> argparse.Namespace:
 
     from .data import DATASETS
     from .errors import DistillError, close_matches
+    from .recipe import is_device_name
 
     if args.dataset not in DATASETS:
         raise DistillError(f"--dataset: unknown dataset {args.dataset!r}{close_matches(args.dataset, DATASETS)}")
@@ -121,7 +122,7 @@ def parse_eval_args(argv: List[str]) -> argparse.Namespace:
         if value is not None and value < (0 if name == "num_workers" else 1):
             raise DistillError(f"--{name.replace('_', '-')}: must be >= {0 if name == 'num_workers' else 1}, "
                                f"got {value}")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+    if not is_device_name(args.device):
         raise DistillError(f"--device: {args.device!r} is not auto, cpu, cuda or cuda:N")
     if args.weights is not None and args.no_pretrained:
         raise DistillError("--no-pretrained: contradicts --weights (a weights file is loaded, not random init)")

@@ -145,6 +145,11 @@ class DistillConfig:
     policy_args: Dict[str, Any] = field(default_factory=dict)
 
 
+def is_device_name(name: str) -> bool:
+    """Return True for a device the tools accept (``run.device``, ``--device``): auto, cpu, cuda, cuda:N."""
+    return name in ("auto", "cpu", "cuda") or name.startswith("cuda:")
+
+
 @dataclass
 class RunConfig:
     """Runtime settings that do not change the math."""

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from .errors import RecipeError, close_matches
-from .recipe import ModelConfig, Recipe, TeacherConfig, apply_override, from_dict
+from .recipe import ModelConfig, Recipe, TeacherConfig, apply_override, from_dict, is_device_name
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -157,7 +157,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
                           f"schedule.epochs={s.epochs}")
     if recipe.run.log_interval < 1:
         raise RecipeError("run.log_interval", f"must be >= 1, got {recipe.run.log_interval}")
-    if recipe.run.device not in ("auto", "cpu", "cuda") and not recipe.run.device.startswith("cuda:"):
+    if not is_device_name(recipe.run.device):
         raise RecipeError("run.device", f"{recipe.run.device!r} is not auto, cpu, cuda or cuda:N")
     if recipe.hub.push and not recipe.hub.repo_id:
         raise RecipeError("hub.repo_id", "hub.push is true: give the repository as hub.repo_id: ORG/NAME")
