@@ -90,6 +90,10 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
         raise RecipeError("run.teacher_cache", "mixup / cutmix mix the images after the teachers' outputs were "
                           "cached (partners and lambda are not stored); set data.mixup=0 and data.cutmix=0, "
                           "or run.teacher_cache=null")
+    if cache is not None and recipe.data.aug_repeats > 1:
+        raise RecipeError("data.aug_repeats", "repeated augmentation draws fresh views of each image, but with "
+                          "run.teacher_cache every epoch replays its stored view; set data.aug_repeats=0, or "
+                          "run.teacher_cache=null")
     if recipe.run.teacher_top_k is not None and recipe.run.teacher_top_k < 1:
         raise RecipeError("run.teacher_top_k", f"must be >= 1, got {recipe.run.teacher_top_k}")
     if recipe.data.num_classes is not None and recipe.data.num_classes < 1:

@@ -223,6 +223,7 @@ def test_mismatched_or_corrupt_cache_is_refused_with_exit_2(tmp_path, capsys):
     (["data.fixed_views=2"], "data.fixed_views"),
     (["data.fixed_views=0", "run.teacher_cache=auto"], "data.fixed_views"),
     (["data.fixed_views=2", "run.teacher_cache=auto", "run.teacher_top_k=0"], "run.teacher_top_k"),
+    (["data.fixed_views=2", "run.teacher_cache=auto", "data.aug_repeats=3"], "data.aug_repeats"),
 ])
 def test_bad_cache_settings_name_the_field(override, field):
     raw = {"student": "cifar_resnet8", "data": {"dataset": "digits"}, "teachers": [{"model": "cifar_resnet8"}]}
