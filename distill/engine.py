@@ -198,7 +198,7 @@ class EpochMeter:
         """Return per teacher the epoch's mean and std of the logit and feature weights
         (``w_logit_mean/<name>`` ...) and ``w_logit_wrong``: the mean logit weight on a teacher
         that misclassifies the sample, times M (1.0: no less than uniform; 0: never; NaN: no
-        teacher missed)."""
+        teacher missed, or ``optim.accum_steps > 1``: an accumulated step keeps no teacher outputs)."""
         n = max(self.count, 1)
         mean = (self.w_sum / n).cpu()
         std = (self.w_sq / n - mean.to(self.w_sq.device).pow(2)).clamp_min(0).sqrt().cpu()
