@@ -253,25 +253,24 @@ def test_class_counts_of_weights_and_data_disagree(tmp_path, capsys):
 # ----------------------------------------------------------------------------- Ctrl-C with DataLoader workers
 
 
-class _WorkerPids(torch.utils.data.Dataset):
-    """64 items, each the pid of the process that loaded it."""
+class _CtrlCInWorker(torch.utils.data.Dataset):
+    """64 items; loading item 20 sends SIGINT to the loading worker itself, as Ctrl-C does to the whole
+    process group under torchrun. The signal is sent from inside the worker, synchronously, so what
+    follows depends only on the worker's SIGINT disposition, never on timing: ignored, every batch
+    arrives; not ignored, the worker dies before it returns batch 5 and the loader must say so."""
 
     def __len__(self):
         return 64
 
     def __getitem__(self, index):
-        return torch.tensor([os.getpid()]), 0
+        if index == 20 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGINT)
+        return index, 0
 
 
-def _interrupt_workers_midway(loader) -> int:
-    """Send SIGINT to the loader's workers (as Ctrl-C does to the whole process group under torchrun)
-    after two batches; return how many batches arrived in all."""
-    batches = iter(loader)
-    first = [next(batches)[0], next(batches)[0]]
-    for pid in {int(p) for b in first for p in b.flatten()}:
-        os.kill(pid, signal.SIGINT)
-    time.sleep(0.5)
-    return 2 + sum(1 for _ in batches)
+def _batches(loader) -> int:
+    """Return how many batches ``loader`` delivers in all (the batch with item 20 included)."""
+    return sum(1 for _ in loader)
 
 
 def test_dataloader_workers_ignore_ctrl_c():
@@ -279,6 +278,7 @@ def test_dataloader_workers_ignore_ctrl_c():
 
     from distill.data import build_loader
 
-    assert _interrupt_workers_midway(build_loader(_WorkerPids(), 4, False, 2, 0)) == 16  # the main process decides
-    with pytest.raises(RuntimeError, match="exited unexpectedly"):  # without the worker init: the workers die
-        _interrupt_workers_midway(DataLoader(_WorkerPids(), batch_size=4, num_workers=2))
+    assert _batches(build_loader(_CtrlCInWorker(), 4, False, 2, 0)) == 16  # the main process decides
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):  # without the worker init: the worker dies
+        # (collate_fn=list: plain Python batches, no tensors in the dead worker's shared memory)
+        _batches(DataLoader(_CtrlCInWorker(), batch_size=4, num_workers=2, collate_fn=list))
