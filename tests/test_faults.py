@@ -222,6 +222,27 @@ def test_file_loaded_teacher_is_complete_named_after_its_file_with_its_normalisa
     assert "fc.weight (10, 64) vs (100, 64)" in err and RESNET56.name in err and "new_keys" in err
 
 
+# ----------------------------------------------------------------------------- hidden folders
+
+
+def test_jupyter_checkpoint_folders_are_not_classes(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "two"
+    for split in ("train", "test"):
+        for c in ("a", "b", ".ipynb_checkpoints", "a/.ipynb_checkpoints"):
+            (folder / split / c).mkdir(parents=True, exist_ok=True)
+        for c in ("a", "b"):
+            for i in range(4):
+                Image.new("RGB", (8, 8), (60 * i, 20, 30 if c == "a" else 200)).save(folder / split / c / f"{i}.png")
+        Image.new("RGB", (8, 8)).save(folder / split / "a" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    recipe = digits_recipe(tmp_path, tmp_path / "run", data={"dataset": "imagefolder", "root": str(folder),
+                                                              "batch_size": 4, "num_workers": 0, "input_size": 8})
+    proc = run_cli(tmp_path, "distill-train", recipe)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "test accuracy on imagefolder (8 images)" in proc.stdout, proc.stdout
+
+
 # ----------------------------------------------------------------------------- class counts
 
 
