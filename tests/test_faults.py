@@ -5,6 +5,7 @@ subprocess once; variants of the same class run in-process through ``distill.cli
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -220,6 +221,45 @@ def test_file_loaded_teacher_is_complete_named_after_its_file_with_its_normalisa
                         teachers=[{**teacher, "model_args": {"num_classes": 100}}], data={"dataset": "cifar10"})
     err = in_process_error(cli.train_main, [bad, "--dry-run"], capsys)
     assert "fc.weight (10, 64) vs (100, 64)" in err and RESNET56.name in err and "new_keys" in err
+
+
+# ----------------------------------------------------------------------------- --help and usage errors
+
+
+def _console_scripts() -> list:
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return [line.split("=")[0].strip() for line in cfg["options.entry_points"]["console_scripts"].splitlines()
+            if line.strip()]
+
+
+def test_help_of_every_command_and_subcommand_exits_0(tmp_path):
+    scripts = _console_scripts()
+    assert {"distill-train", "distill-cache"} <= set(scripts)
+    for name in scripts:
+        proc = run_cli(tmp_path, name, "--help")
+        assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {name} "), (name, proc.stderr)
+    top = run_cli(tmp_path, "distill-cache", "--help").stdout
+    for sub in ("build", "info"):  # each subcommand on one line with its description
+        assert re.search(rf"^    {sub} +\w.+$", top, re.M), top
+        proc = run_cli(tmp_path, "distill-cache", sub, "--help")
+        assert proc.returncode == 0 and proc.stdout.startswith(f"usage: distill-cache {sub} "), proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "--help"], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0
+    for sub in ("train", "eval", "zoo", "plot", "push", "cache"):
+        assert re.search(rf"^    {sub} +\w.+$", proc.stdout, re.M), proc.stdout
+
+
+def test_usage_errors_name_only_what_is_missing(tmp_path):
+    line = assert_one_line_error(run_cli(tmp_path, "distill-train"), "required: recipe")
+    assert "overrides" not in line
+    assert_one_line_error(run_cli(tmp_path, "distill-cache"), "a command is required: build, info")
+    assert_one_line_error(run_cli(tmp_path, "distill-cache", "bild"), "unknown command 'bild'", "did you mean: build")
+    line = assert_one_line_error(run_cli(tmp_path, "distill-cache", "info"), "required: target")
+    assert "overrides" not in line
 
 
 # ----------------------------------------------------------------------------- hidden folders
