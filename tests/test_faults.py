@@ -262,6 +262,86 @@ def test_usage_errors_name_only_what_is_missing(tmp_path):
     assert "overrides" not in line
 
 
+# ----------------------------------------------------------------------------- non-finite tensors
+
+
+def _digits_net(seed: int = 0):
+    import timm
+
+    import zoo  # noqa: F401  (registers the CIFAR archs)
+
+    torch.manual_seed(seed)
+    return timm.create_model("cifar_resnet8", num_classes=10, in_chans=1).eval()
+
+
+def test_non_finite_weights_files_are_refused_naming_file_and_tensor(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    state = _digits_net().state_dict()
+    conv = "layer1.0.conv1.weight"  # (16, 16, 3, 3): one output channel is 144 values
+    nan_teacher = tmp_path / "teacher_nan.pth"
+    torch.save({"state_dict": {**state, conv: state[conv].clone().index_fill_(0, torch.tensor([3]), float("nan"))}},
+               nan_teacher)
+    recipe = digits_recipe(tmp_path, tmp_path / "run", teachers=[{"model": "cifar_resnet8", "weights": str(nan_teacher)}])
+    assert_one_line_error(run_cli(tmp_path, "distill-train", recipe), str(nan_teacher), f"tensor '{conv}'",
+                          "non-finite values (144 NaN, 0 infinite of 2304)")
+
+    inf_student = tmp_path / "student_inf.safetensors"
+    fc = state["fc.weight"].clone()
+    fc[0, 0] = float("inf")
+    save_file({**state, "fc.weight": fc}, str(inf_student))
+    recipe = digits_recipe(tmp_path, tmp_path / "run2", student={"model": "cifar_resnet8", "weights": str(inf_student)})
+    err = in_process_error(cli.train_main, [recipe], capsys)
+    assert str(inf_student) in err and "tensor 'fc.weight'" in err and "(0 NaN, 1 infinite of 640)" in err
+
+
+def test_teacher_with_non_finite_outputs_is_named_before_training(tmp_path):
+    state = _digits_net().state_dict()
+    huge = tmp_path / "teacher_huge.pth"  # finite weights whose logits overflow float32
+    torch.save({**state, "fc.weight": state["fc.weight"].sign() * 3e38}, huge)
+    recipe = digits_recipe(tmp_path, tmp_path / "run", teachers=[
+        {"model": "cifar_resnet8", "pretrained": False, "train": {"epochs": 1}},
+        {"model": "cifar_resnet8", "weights": str(huge)}])
+    assert_one_line_error(run_cli(tmp_path, "distill-train", recipe), "teacher 1", "cifar_resnet8",
+                          "logits are not finite")
+
+
+def test_non_finite_checkpoint_is_refused_by_eval_and_resume(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from distill.checkpoint import read_metadata
+
+    recipe = digits_recipe(tmp_path, tmp_path / "run")
+    assert cli.train_main([str(recipe)]) == 0
+    last = tmp_path / "run" / "last.safetensors"
+    tensors = load_file(str(last))
+    name = next(k for k in sorted(tensors) if k.endswith("conv1.weight"))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(last), metadata=read_metadata(last))
+    assert_one_line_error(run_cli(tmp_path, "distill-eval", last, "--dataset", "digits", "--num-workers", "0"),
+                          str(last), f"tensor '{name}'", "non-finite")
+    err = in_process_error(cli.train_main, [recipe, "schedule.epochs=2", "--resume"], capsys)
+    assert str(last) in err and f"tensor '{name}'" in err
+
+
+def test_non_finite_hub_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from .test_hub import add_snapshot, hub_files
+
+    files = hub_files(_digits_net(), tmp_path, "nan")
+    weights = tmp_path / "nan" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["bn1.running_var"][2] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    files["model.safetensors"] = weights.read_bytes()
+    cache = tmp_path / "hf" / "hub"
+    add_snapshot(cache, "org/nan", "a" * 40, files, refs=["main"])
+    proc = run_cli(tmp_path, "distill-eval", "hf-hub:org/nan", "--dataset", "digits", "--num-workers", "0",
+                   HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    assert_one_line_error(proc, "hf-hub:org/nan", "model.safetensors", "tensor 'bn1.running_var'", "1 NaN")
+
+
 # ----------------------------------------------------------------------------- hidden folders
 
 
