@@ -58,9 +58,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     from .policies import POLICIES
     from .taps import parse_feature_tap
 
-    if recipe.data.dataset not in data.DATASETS:
-        raise RecipeError("data.dataset", f"unknown dataset {recipe.data.dataset!r}; known: "
-                          f"{', '.join(sorted(data.DATASETS))}{close_matches(recipe.data.dataset, data.DATASETS)}")
+    data.dataset_info(recipe.data.dataset)
     if recipe.data.dataset == "imagefolder" and not recipe.data.root:
         raise RecipeError("data.root", "an imagefolder dataset needs data.root (a folder with train/ and test/)")
     if check_data and recipe.data.root and recipe.data.dataset == "imagefolder" and not Path(recipe.data.root).is_dir():

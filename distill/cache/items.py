@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler, Subset
 
-from ..data import TensorImageDataset, dataset_targets
-from .views import PARAMS, ViewAugment
+from ..data import PARAMS, TensorImageDataset, ViewAugment, dataset_targets, item_seed
 
 
 def leaf_item(dataset: Dataset, index: int) -> Tuple[Dataset, int]:
@@ -138,6 +137,4 @@ def shard_ranges(n: int, shard_images: int) -> List[Tuple[int, int]]:
 
 def seeded_keys(indices: Sequence[int], seed: int, view: int) -> List[Tuple[int, int]]:
     """Return ``(index, item seed)`` keys: item ``index`` seeded as a loader of ``seed`` seeds epoch ``view``."""
-    from ..data import item_seed
-
     return [(int(i), item_seed(seed, view, int(i))) for i in indices]
