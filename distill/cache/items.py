@@ -31,6 +31,8 @@ def _raw(leaf: Dataset, index: int) -> Tuple[Any, Optional[Any]]:
     """Return ``(unaugmented image, the dataset's training transform)`` of a leaf dataset."""
     if isinstance(leaf, TensorImageDataset):
         return leaf.images[index], leaf.augment
+    if hasattr(leaf, "raw_image"):  # distill.data.hfds.HFImageDataset
+        return leaf.raw_image(index), leaf.transform
     if hasattr(leaf, "samples") and hasattr(leaf, "loader"):  # torchvision ImageFolder
         return leaf.loader(leaf.samples[index][0]), leaf.transform
     if hasattr(leaf, "data") and hasattr(leaf, "transform"):  # torchvision CIFAR10 / CIFAR100

@@ -2,6 +2,7 @@
 
 - :mod:`distill.data.datasets`: ``build_data(recipe.data)`` -> :class:`DataBundle`; the
   registered datasets (:data:`distill.registries.DATASETS`) with their class count, size, mean/std.
+- :mod:`distill.data.hfds`: Hugging Face datasets (``hfds/NAME[:config]``), read offline.
 - :mod:`distill.data.images`: in-memory tensors, class-balanced subsets, image folders, CIFAR files.
 - :mod:`distill.data.transforms`: view records (:class:`ViewAugment`), augment kinds
   (:data:`distill.registries.AUGMENTS`), :func:`image_transforms`, :func:`build_mixup`.
@@ -11,6 +12,7 @@ This package imports neither the cache, the engine nor the pipeline.
 """
 
 from ..registries import AUGMENTS, DATASETS
+from . import hfds  # noqa: F401  (registers hfds/NAME[:config])
 from .datasets import (IMAGENET_MEAN, IMAGENET_STD, DataBundle, DatasetInfo, build_data, dataset_info,
                        dataset_key)
 from .images import LabeledSubset, TensorImageDataset, balanced_subset, dataset_targets, load_image, take_subset

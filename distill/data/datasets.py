@@ -18,6 +18,8 @@ and building its train / val datasets:
   when ``data.download`` is true.
 - ``imagefolder``: any ``data.root`` holding ``train/<class>/...`` and ``test/<class>/...``
   (or ``val/``); 224x224 and ImageNet mean/std by default.
+- ``hfds/NAME[:config]``: a Hugging Face image dataset read offline from the local cache
+  (:mod:`distill.data.hfds`); defaults as for ``imagefolder``.
 
 Items are ``(float32 tensor (C, H, W), normalised; int label)``. ``data.train_subset`` /
 ``data.val_subset`` keep a deterministic, class-balanced subset
