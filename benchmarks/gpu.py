@@ -49,7 +49,7 @@ from distill.distiller import PRECISIONS  # noqa: E402
 from distill.pipeline import make_teacher  # noqa: E402
 from distill.recipe import DistillConfig, OptimConfig, RunConfig, TeacherConfig  # noqa: E402
 from distill.recipe_load import load_recipe, teacher_configs  # noqa: E402
-from distill.registry import DataSpec, ResolvedModel  # noqa: E402
+from distill.resolve import DataSpec, ResolvedModel  # noqa: E402
 from distill.taps import parse_feature_tap  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, per chip

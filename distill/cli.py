@@ -139,7 +139,7 @@ def _eval(argv: List[str]) -> int:
     from .engine import evaluate, resolve_device
     from .fetch import offline
     from .recipe import DataConfig
-    from .registry import resolve_model
+    from .resolve import resolve_model
 
     info = dataset_info(args.dataset, "--dataset")
     with offline(args.offline):

@@ -44,7 +44,7 @@ from .fetch import weights_reachable_offline
 from .pipeline import make_teacher
 from .recipe import Recipe
 from .recipe_load import teacher_configs
-from .registry import DataSpec, ResolvedModel, count_params, model_data_spec, resolve_model
+from .resolve import DataSpec, ResolvedModel, count_params, model_data_spec, resolve_model
 from .taps import parse_feature_tap
 from .weightfile import label
 

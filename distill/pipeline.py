@@ -21,7 +21,7 @@ from .fileio import ensure_dir, read_json, write_text
 from .manifest import content_hash, diff
 from .recipe import Recipe, TeacherConfig, to_dict
 from .recipe_load import teacher_configs
-from .registry import DataSpec, ResolvedModel, load_student_checkpoint, resolve_model
+from .resolve import DataSpec, ResolvedModel, load_student_checkpoint, resolve_model
 from .taps import FeatureTap, parse_feature_tap
 from .teachers import InputAdapter, Teacher
 from .weightfile import label

@@ -112,7 +112,7 @@ class TeacherTrainConfig:
 
 @dataclass
 class ModelConfig:
-    """A model spec (see :func:`distill.registry.resolve_model`) and how to build it."""
+    """A model spec (see :func:`distill.resolve.resolve_model`) and how to build it."""
 
     model: str = ""
     pretrained: bool = False

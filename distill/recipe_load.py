@@ -54,7 +54,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
 
     ``check_data=False`` (dry runs) skips the checks that need the dataset on disk.
     """
-    from . import data, registry  # late: these import torch / timm (a bad YAML fails fast)
+    from . import data, resolve  # late: these import torch / timm (a bad YAML fails fast)
     from .policies import POLICIES
     from .taps import parse_feature_tap
 
@@ -99,7 +99,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
 
     if not recipe.student.model:
         raise RecipeError("student.model", "a student model is required")
-    registry.check_spec(recipe.student.model, "student.model", recipe.student.weights)
+    resolve.check_spec(recipe.student.model, "student.model", recipe.student.weights)
     _check_new_keys(recipe.student, "student")
     if recipe.pool is not None:
         from zoo.pools import POOLS
@@ -111,7 +111,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
         where = f"teachers[{i}]"
         if not teacher.model:
             raise RecipeError(f"{where}.model", "a teacher model is required")
-        registry.check_spec(teacher.model, f"{where}.model", teacher.weights)
+        resolve.check_spec(teacher.model, f"{where}.model", teacher.weights)
         _check_new_keys(teacher, where)
         if (teacher.mean is None) != (teacher.std is None):
             raise RecipeError(f"{where}.mean", "give both mean and std, or neither")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import DataSpec
+from .resolve import DataSpec
 from .signals import TeacherOutputs
 from .taps import FeatureTap, TappedModel
 
