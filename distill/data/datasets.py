@@ -38,7 +38,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch.utils.data import Dataset
 
-from ..errors import DistillError
+from ..errors import DistillError, RecipeError
 from ..fetch import is_offline
 from ..paths import datasets_dir
 from ..registries import AUGMENTS, DATASETS
@@ -84,6 +84,10 @@ class DatasetInfo:
 
     def __init__(self, spec: str):
         self.spec = spec
+
+    def check(self, cfg: Any, check_data: bool = True) -> None:
+        """Raise RecipeError for settings this dataset cannot work with (without reading it;
+        ``check_data=False``: nothing on disk is looked at either)."""
 
     def build(self, cfg: Any) -> DataBundle:
         """Return the (train, val) :class:`DataBundle` of a DataConfig (subsets not yet taken)."""
@@ -238,6 +242,13 @@ class ImageFolderDataset(ImageFiles):
     """Any data.root with train/<class>/... and test/<class>/... (or val/); 224 px, ImageNet mean/std."""
 
     label = "image folder"
+
+    def check(self, cfg: Any, check_data: bool = True) -> None:
+        """Require ``data.root`` (and, with ``check_data``, that it is a folder)."""
+        if not cfg.root:
+            raise RecipeError("data.root", "an imagefolder dataset needs data.root (a folder with train/ and test/)")
+        if check_data and not Path(cfg.root).is_dir():
+            raise RecipeError("data.root", f"folder not found: {cfg.root}")
 
     def read(self, cfg: Any, train_tf: Any, eval_tf: Any) -> Tuple[Dataset, Dataset]:
         """Return the (train, test) ImageFolders of ``data.root``."""

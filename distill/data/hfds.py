@@ -92,8 +92,9 @@ def columns(features: Any, where: str) -> Tuple[str, str, List[str]]:
     images = [k for k, f in features.items() if isinstance(f, datasets.Image)]
     labels = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
     if not images or not labels:
+        found = ", ".join(f"{k} ({type(f).__name__})" for k, f in features.items())
         raise DistillError(f"data.dataset: {where} needs an image column (datasets.Image) and a label column "
-                           f"(datasets.ClassLabel); it has: {', '.join(f'{k} ({type(f).__name__})' for k, f in features.items())}")
+                           f"(datasets.ClassLabel); it has: {found}")
     return images[0], labels[0], list(features[labels[0]].names)
 
 
@@ -109,9 +110,10 @@ class HuggingFaceDataset(ImageFiles):
 
         name, config = parse_hfds(self.spec)
         where = f"hfds/{name}" + (f":{config}" if config else "")
+        cache_dir = str(Path(cfg.root).expanduser()) if cfg.root else None
         try:
             with hf_datasets_offline():
-                splits = datasets.load_dataset(name, config, cache_dir=str(Path(cfg.root).expanduser()) if cfg.root else None)
+                splits = datasets.load_dataset(name, config, cache_dir=cache_dir)
         except (OSError, ValueError) as exc:  # not cached: FileNotFoundError or ConnectionError, both OSError
             raise DistillError(f"data.dataset: cannot read {where} from the local Hugging Face datasets cache "
                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); fill the cache once "

@@ -164,7 +164,7 @@ def load_image(path: str):
         with open(path, "rb") as handle:
             data = handle.read()  # one read: PIL parsing a file handle issues dozens of small ones
     except OSError as exc:
-        raise DistillError(f"{path}: unreadable image ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise unreadable(path, exc) from None
     return decode_image(data, path)
 
 
@@ -178,7 +178,12 @@ def decode_image(data: bytes, where: str):
         image = Image.open(io.BytesIO(data))
         return image.convert("RGB")  # decodes the whole file: truncation shows here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DistillError(f"{where}: unreadable image ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise unreadable(where, exc) from None
+
+
+def unreadable(where: str, exc: Exception) -> DistillError:
+    """Return the one-line error for an image at ``where`` that failed with ``exc``."""
+    return DistillError(f"{where}: unreadable image ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
 
 
 def _empty_class_folders(folder: Path) -> List[Path]:
@@ -195,7 +200,8 @@ def _empty_class_folders(folder: Path) -> List[Path]:
     return empty
 
 
-def torchvision_cifar(info: Any, root: Path, train_tf: Callable, eval_tf: Callable, download: bool) -> Tuple[Dataset, Dataset]:
+def torchvision_cifar(info: Any, root: Path, train_tf: Callable, eval_tf: Callable,
+                      download: bool) -> Tuple[Dataset, Dataset]:
     """Return torchvision's (train, test) CIFAR-10/100 of ``root`` (downloaded there when ``download``)."""
     from torchvision import datasets
 
