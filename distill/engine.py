@@ -229,7 +229,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps
                                   warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, decay_rate=cfg.decay_rate,
                                   updates_per_epoch=steps_per_epoch, step_on_epochs=True)
     if cfg.name == "multistep":
-        kwargs["decay_milestones"] = list(cfg.milestones)
+        kwargs["decay_milestones"] = cfg.decay_epochs()
     if cfg.name == "constant":
         kwargs.update(decay_epochs=cfg.epochs + 1, decay_rate=1.0)
     scheduler, _ = create_scheduler_v2(optimizer, **kwargs)
