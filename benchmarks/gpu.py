@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import timm  # noqa: E402
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN  # noqa: E402
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD  # noqa: E402
 
 import zoo  # noqa: E402,F401  (registers the zoo models)
 import lower_bound  # noqa: E402  (benchmarks/lower_bound.py)
@@ -47,7 +49,7 @@ from distill.distiller import PRECISIONS  # noqa: E402
 from distill.pipeline import make_teacher  # noqa: E402
 from distill.recipe import DistillConfig, OptimConfig, RunConfig, TeacherConfig  # noqa: E402
 from distill.recipe_load import load_recipe, teacher_configs  # noqa: E402
-from distill.registry import DataSpec, ResolvedModel  # noqa: E402
+from distill.resolve import DataSpec, ResolvedModel  # noqa: E402
 from distill.taps import parse_feature_tap  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, per chip
@@ -80,7 +82,7 @@ def recipe_setting(name: str, path: str) -> Setting:
     """Return the setting of a recipe's student, teachers, features, loss and optimiser (random init)."""
     recipe = load_recipe(ROOT / path, check_data=False)
     size = recipe.data.input_size or 224
-    data = DataSpec((3, size, size), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    data = DataSpec((3, size, size), IMAGENET_MEAN, IMAGENET_STD)
     return Setting(name, recipe.student.model, dict(recipe.student.model_args),
                    [t.model for t in teacher_configs(recipe)], {}, data, recipe.data.num_classes or 1000,
                    recipe.distill, recipe.optim, cnn="resnet" in recipe.student.model)

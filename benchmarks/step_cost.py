@@ -81,7 +81,7 @@ from distill.distiller import Distiller  # noqa: E402
 from distill.engine import EpochMeter  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
 from distill.recipe import DistillConfig, OptimConfig, RunConfig  # noqa: E402
-from distill.registry import DataSpec  # noqa: E402
+from distill.resolve import DataSpec  # noqa: E402
 from distill.taps import parse_feature_tap  # noqa: E402
 from distill.teachers import InputAdapter, Teacher  # noqa: E402
 

@@ -105,11 +105,11 @@ def parse_eval_args(argv: List[str]) -> argparse.Namespace:
     _add_offline(parser)
     args = parser.parse_args(argv)
 
-    from .data import DATASETS
+    from .data import DATASETS, dataset_key
     from .errors import DistillError, close_matches
     from .recipe import is_device_name
 
-    if args.dataset not in DATASETS:
+    if dataset_key(args.dataset) not in DATASETS:
         raise DistillError(f"--dataset: unknown dataset {args.dataset!r}{close_matches(args.dataset, DATASETS)}")
     for name in ("batch_size", "num_workers", "subset"):
         value = getattr(args, name)
@@ -129,21 +129,22 @@ def _eval(argv: List[str]) -> int:
     import torch
 
     from .classes import fit_class_count
-    from .data import DATASETS, build_data, build_loader
+    from .data import build_data, build_loader, dataset_info
     from .engine import evaluate, resolve_device
     from .fetch import offline
     from .recipe import DataConfig
-    from .registry import resolve_model
+    from .resolve import resolve_model
 
+    info = dataset_info(args.dataset, "--dataset")
     with offline(args.offline):
         resolved = resolve_model(args.spec, pretrained=not args.no_pretrained and args.weights is None,
-                                 weights=args.weights, num_classes=DATASETS[args.dataset].num_classes,
-                                 in_chans=DATASETS[args.dataset].channels, where="spec")
+                                 weights=args.weights, num_classes=info.num_classes,
+                                 in_chans=info.channels, where="spec")
         cfg = DataConfig(dataset=args.dataset, root=args.data_dir, download=not args.offline, augment="none",
                          num_workers=args.num_workers, val_subset=args.subset)
         if resolved.data is not None:
             cfg.mean, cfg.std = list(resolved.data.mean), list(resolved.data.std)
-            if args.dataset == "imagefolder":
+            if not info.fixed_size:  # image files of any size: evaluated at the model's resolution
                 cfg.input_size = resolved.data.input_size[-1]
         bundle = build_data(cfg)
     model = resolved.model

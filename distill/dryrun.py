@@ -34,7 +34,7 @@ import torch
 
 from . import distributed
 from .build import build_distiller
-from .data import DATASETS, build_mixup
+from .data import build_mixup, dataset_info
 from .distiller import Distiller
 from .classes import fit_class_count
 from .engine import build_scheduler, mix_batch, resolve_device, seed_everything
@@ -44,13 +44,9 @@ from .fetch import weights_reachable_offline
 from .pipeline import make_teacher
 from .recipe import Recipe
 from .recipe_load import teacher_configs
-from .registry import DataSpec, ResolvedModel, count_params, model_data_spec, resolve_model
+from .resolve import DataSpec, ResolvedModel, count_params, model_data_spec, resolve_model
 from .taps import parse_feature_tap
 from .weightfile import label
-
-# training-split sizes used for the step count
-TRAIN_SIZES = {"digits": 1438, "cifar10": 50_000, "cifar100": 50_000, "imagefolder": 1_281_167}
-DIGITS_MEAN_STD = ((0.3059,), (0.3765,))  # what the digits bundle computes at 8x8 (documented in data.py)
 
 
 @dataclass
@@ -75,14 +71,9 @@ class DryRunReport:
 def data_spec(recipe: Recipe) -> Tuple[DataSpec, int]:
     """Return the recipe's data spec and class count without reading the dataset."""
     cfg = recipe.data
-    info = DATASETS[cfg.dataset]
+    info = dataset_info(cfg.dataset)
     size = cfg.input_size or info.input_size
-    if cfg.mean is not None:
-        mean, std = tuple(cfg.mean), tuple(cfg.std)
-    elif info.mean is not None:
-        mean, std = info.mean, info.std
-    else:
-        mean, std = DIGITS_MEAN_STD
+    mean, std = (tuple(cfg.mean), tuple(cfg.std)) if cfg.mean is not None else (info.mean, info.std)
     num_classes = info.num_classes or cfg.num_classes or 1000
     return DataSpec((info.channels, size, size), tuple(mean), tuple(std)), num_classes
 
@@ -208,7 +199,7 @@ def dry_run(recipe: Recipe, offline: bool = False, say: Callable[[str], None] = 
     distiller = build_distiller(student.model, teachers, tap, tuple(data.input_size), recipe.distill, o, eager,
                                 device, wrap_ddp=False)
     pool, policy, optimizer = distiller.pool, distiller.policy, distiller.optimizer
-    size = TRAIN_SIZES[recipe.data.dataset]
+    size = dataset_info(recipe.data.dataset).train_size
     if recipe.data.train_subset:
         size = min(size, recipe.data.train_subset)
     steps = max(1, size // recipe.data.batch_size)

@@ -32,7 +32,7 @@ from .fileio import atomic_write
 from .logger import open_logger
 from .manifest import diff
 from .recipe import OptimConfig, RunConfig, ScheduleConfig
-from .registry import DataSpec, student_metadata
+from .resolve import DataSpec, student_metadata
 
 
 # ----------------------------------------------------------------------------- runtime

@@ -261,7 +261,7 @@ def export_run(run_dir: Union[str, Path], out_dir: Union[str, Path], checkpoint:
     """
     from timm.models import save_for_hf
 
-    from .registry import load_student_checkpoint
+    from .resolve import load_student_checkpoint
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if checkpoint not in ("best", "last", "ema"):

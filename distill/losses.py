@@ -1,11 +1,18 @@
 """Per-sample losses. Each returns one value per sample, shape ``(B,)`` (or ``(M,B)``
-when teacher tensors carry a leading teacher axis); reductions happen in the Distiller."""
+when teacher tensors carry a leading teacher axis); reductions happen in the Distiller.
+
+The per-teacher logit terms a recipe chooses (``distill.logit_loss``) are registered in
+:data:`distill.registries.LOSSES`, each called as ``loss(student_logits (B, C),
+teacher_logits (M, B, C), temperature) -> (M, B)``.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .registries import LOSSES
 
 
 def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -21,6 +28,7 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return -(target.float() * log_p).sum(-1)
 
 
+@LOSSES.register("kd", help="Hinton's KD: T^2 KL(p_T ‖ p_S) at temperature T")
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Return Hinton's KD loss ``T^2 KL(p_T || p_S)`` at temperature ``T``, shape ``(..., B)``.
 
@@ -49,6 +57,7 @@ def _pearson_distance(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tens
     return 1.0 - (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim)).clamp_min(eps)
 
 
+@LOSSES.register("dist", help="DIST (Huang et al. 2022): inter- and intra-class Pearson relations")
 def dist_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
               inter: float = 1.0, intra: float = 1.0) -> Tensor:
     """Return DIST (Huang et al. 2022) per sample, shape ``(B,)`` or ``(M, B)``.

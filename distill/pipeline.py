@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from .data import DataBundle, build_data, build_loader, build_mixup
+from .data import DataBundle, build_data, build_loader, build_mixup, eval_sampler, train_sampler
 from . import distributed
 from .classes import fit_class_count
 from .build import build_distiller
@@ -21,7 +21,7 @@ from .fileio import ensure_dir, read_json, write_text
 from .manifest import content_hash, diff
 from .recipe import Recipe, TeacherConfig, to_dict
 from .recipe_load import teacher_configs
-from .registry import DataSpec, ResolvedModel, load_student_checkpoint, resolve_model
+from .resolve import DataSpec, ResolvedModel, load_student_checkpoint, resolve_model
 from .taps import FeatureTap, parse_feature_tap
 from .teachers import InputAdapter, Teacher
 from .weightfile import label
@@ -61,12 +61,11 @@ def _loaders(recipe: Recipe, bundle: DataBundle):
     data = recipe.data  # batch sizes are global: each of N processes loads batch / N
     batch = distributed.local_batch_size(data.batch_size)
     eval_batch = distributed.local_batch_size(data.eval_batch_size or 2 * data.batch_size)
-    # under torchrun: batch-aligned training shards and sharded evaluation (distill.distributed)
+    # under torchrun: batch-aligned training shards and sharded evaluation (distill.data.sampling)
     train = build_loader(bundle.train, batch, True, data.num_workers, recipe.seed,
-                         sampler=distributed.train_sampler(len(bundle.train), data.batch_size, recipe.seed,
-                                                         data.aug_repeats))
+                         sampler=train_sampler(len(bundle.train), data.batch_size, recipe.seed, data.aug_repeats))
     val = build_loader(bundle.val, eval_batch, False, data.num_workers, recipe.seed,
-                       sampler=distributed.eval_sampler(len(bundle.val)))
+                       sampler=eval_sampler(len(bundle.val)))
     return train, val
 
 

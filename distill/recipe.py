@@ -31,13 +31,13 @@ from .errors import RecipeError, close_matches
 class DataConfig:
     """Dataset, augmentation and loader settings."""
 
-    dataset: str = "cifar10"  # digits | cifar10 | cifar100 | imagefolder
+    dataset: str = "cifar10"
     root: Optional[str] = None  # default: $DISTILL_HOME/datasets/<dataset>
     download: bool = True  # torchvision download when the data is not found locally
     batch_size: int = 64  # global batch size
     eval_batch_size: Optional[int] = None  # default: 2 x batch_size
     num_workers: int = 2
-    augment: Literal["auto", "none", "cifar", "timm"] = "auto"
+    augment: str = "auto"
     train_subset: Optional[int] = None  # first N training images of a fixed class-balanced shuffle
     val_subset: Optional[int] = None
     fixed_views: Optional[int] = None  # K views per training image stored in run.teacher_cache; epoch e shows view e mod K
@@ -120,7 +120,7 @@ class TeacherTrainConfig:
 
 @dataclass
 class ModelConfig:
-    """A model spec (see :func:`distill.registry.resolve_model`) and how to build it."""
+    """A model spec (see :func:`distill.resolve.resolve_model`) and how to build it."""
 
     model: str = ""
     pretrained: bool = False
@@ -147,8 +147,8 @@ class DistillConfig:
     alpha: float = 1.0
     beta: float = 5.0
     temperature: float = 4.0
-    logit_loss: Literal["kd", "dist"] = "kd"  # per-teacher logit term: Hinton KD or DIST (Huang et al. 2022)
-    features: str = "pre_logits"  # pre_logits | last_map | <stage index>
+    logit_loss: str = "kd"
+    features: str = "pre_logits"
     policy: str = "aver"
     policy_args: Dict[str, Any] = field(default_factory=dict)
 
@@ -217,14 +217,15 @@ class Recipe:
 # ----------------------------------------------------------------------------- typed loading
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """Return a field type as the docs and errors write it (``'a' | 'b'``, ``list of int``, ...)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+        return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin in (list, List):
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        return f"list of {type_name(typing.get_args(tp)[0])}"
     if origin in (dict, Dict):
         return "mapping"
     if dataclasses.is_dataclass(tp):

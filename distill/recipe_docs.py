@@ -2,7 +2,9 @@
 
 Every field of every section is listed with its type, default and meaning; the meaning
 is the field's trailing ``# comment`` in ``distill/recipe.py`` (the schema is the single
-source of truth). Regenerate after changing the schema::
+source of truth), and a field that names a registered part (dataset, augment kind, logit
+loss, feature tap, policy) lists the registry's choices with their one-line help
+(:func:`distill.recipe_load.registry_fields`). Regenerate after changing either::
 
     python -m distill.recipe_docs > docs/recipes.md
 """
@@ -17,6 +19,7 @@ import typing
 from typing import Any, Dict, List, Tuple
 
 from . import recipe as R
+from .recipe_load import registry_fields
 
 INTRO = """# Recipe keys
 
@@ -79,11 +82,9 @@ MEANINGS: Dict[str, str] = {
     "Recipe.schedule": "the LR schedule: the `schedule` section",
     "Recipe.run": "runtime settings: the `run` section",
     "Recipe.hub": "push to the Hugging Face Hub at the end: the `hub` section",
+    "DataConfig.dataset": "the dataset",
     "DataConfig.num_workers": "DataLoader worker processes per process",
-    "DataConfig.augment": ("training augmentation: auto (the dataset's default: cifar for CIFAR, timm for "
-                           "imagefolder, none for digits), none, cifar (crop with padding size/8 + flip), timm "
-                           "(timm create_transform: random-resized crop, flip, colour jitter, plus auto_augment "
-                           "/ re_prob)"),
+    "DataConfig.augment": "training augmentation (timm: also auto_augment / re_prob / color_jitter below)",
     "DataConfig.val_subset": "first N test images of a fixed class-balanced shuffle",
     "DataConfig.std": "override of the dataset's normalisation (with mean)",
     "ModelConfig.model": "model spec: timm name[.tag], zoo name, hf-hub:ORG/NAME[@rev], local-dir:PATH, run dir or checkpoint",
@@ -104,7 +105,9 @@ MEANINGS: Dict[str, str] = {
     "DistillConfig.alpha": "weight of the logit-level term (paper: 1)",
     "DistillConfig.beta": "weight of the feature-level term (paper: 5)",
     "DistillConfig.temperature": "KD temperature T (paper: 4); KD is scaled by T^2",
-    "DistillConfig.policy": "weighting policy: aver, ebkd, camkd, mtkd_rl, mixture",
+    "DistillConfig.logit_loss": "per-teacher logit term",
+    "DistillConfig.features": "the feature distilled from each teacher (student and teachers alike)",
+    "DistillConfig.policy": "weighting policy",
     "DistillConfig.policy_args": "the policy's own settings (e.g. mtkd_rl: variant align / paper / official, gammas, divergence, agent lr, tau, kl_limit; camkd: variant published / shared; see distill/policies)",
     "OptimConfig.name": "optimiser (timm create_optimizer_v2)",
     "OptimConfig.lr": "learning rate for the global batch size",
@@ -185,6 +188,7 @@ def render() -> str:
     """Return the whole of docs/recipes.md."""
     out = [INTRO]
     documented = set()
+    registries = registry_fields()
     sections = list(SECTIONS) + [(c.__name__, c) for c in dataclasses_in_schema() if c not in dict(SECTIONS).values()]
     for title, cls in sections:
         documented.add(cls)
@@ -196,7 +200,10 @@ def render() -> str:
         for f in dataclasses.fields(cls):
             meaning = comments.get(f.name) or next(
                 (MEANINGS[f"{k.__name__}.{f.name}"] for k in cls.__mro__ if f"{k.__name__}.{f.name}" in MEANINGS), "")
-            type_name = R._type_name(hints[f.name]).replace("|", "\\|")
+            registry = registries.get(f"{title}.{f.name}")
+            if registry is not None:
+                meaning += "; one of: " + ", ".join(f"`{n}` ({registry.help(n).rstrip('.')})" for n in registry)
+            type_name = R.type_name(hints[f.name]).replace("|", "\\|")
             out.append(f"| `{f.name}` | {type_name} | {_default(f)} | {meaning.replace('|', '/')} |")
     return "\n".join(out) + "\n"
 

@@ -49,22 +49,29 @@ def recipe_from_dict(raw: Dict[str, Any], overrides: Optional[List[str]] = None,
     return recipe
 
 
+def registry_fields() -> Dict[str, Any]:
+    """Return ``{recipe field: the registry its value names}`` (docs and validation read the choices
+    there), with every registering module imported. ``data.dataset`` also takes ``hfds/NAME[:config]``
+    and ``distill.features`` a stage index."""
+    from . import data, losses, policies, taps  # noqa: F401  (register datasets, augment kinds, losses, ...)
+    from .registries import AUGMENTS, DATASETS, LOSSES, POLICIES, TAPS
+
+    return {"data.dataset": DATASETS, "data.augment": AUGMENTS, "distill.logit_loss": LOSSES,
+            "distill.features": TAPS, "distill.policy": POLICIES}
+
+
 def validate(recipe: Recipe, check_data: bool = True) -> None:
     """Check the values that types cannot: names, ranges, files. Raises RecipeError.
 
     ``check_data=False`` (dry runs) skips the checks that need the dataset on disk.
     """
-    from . import data, registry  # late: these import torch / timm (a bad YAML fails fast)
-    from .policies import POLICIES
+    from . import data, resolve  # late: these import torch / timm (a bad YAML fails fast)
+    from .registries import AUGMENTS, LOSSES, POLICIES
     from .taps import parse_feature_tap
 
-    if recipe.data.dataset not in data.DATASETS:
-        raise RecipeError("data.dataset", f"unknown dataset {recipe.data.dataset!r}; known: "
-                          f"{', '.join(sorted(data.DATASETS))}{close_matches(recipe.data.dataset, data.DATASETS)}")
-    if recipe.data.dataset == "imagefolder" and not recipe.data.root:
-        raise RecipeError("data.root", "an imagefolder dataset needs data.root (a folder with train/ and test/)")
-    if check_data and recipe.data.root and recipe.data.dataset == "imagefolder" and not Path(recipe.data.root).is_dir():
-        raise RecipeError("data.root", f"folder not found: {recipe.data.root}")
+    registry_fields()  # every registering module imported
+    data.dataset_info(recipe.data.dataset).check(recipe.data, check_data)
+    AUGMENTS.get(recipe.data.augment, "data.augment")
     for name in ("batch_size", "num_workers"):
         if getattr(recipe.data, name) < (1 if name == "batch_size" else 0):
             raise RecipeError(f"data.{name}", f"bad value {getattr(recipe.data, name)}")
@@ -101,7 +108,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
 
     if not recipe.student.model:
         raise RecipeError("student.model", "a student model is required")
-    registry.check_spec(recipe.student.model, "student.model", recipe.student.weights)
+    resolve.check_spec(recipe.student.model, "student.model", recipe.student.weights)
     _check_new_keys(recipe.student, "student")
     if recipe.pool is not None:
         from zoo.pools import POOLS
@@ -113,7 +120,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
         where = f"teachers[{i}]"
         if not teacher.model:
             raise RecipeError(f"{where}.model", "a teacher model is required")
-        registry.check_spec(teacher.model, f"{where}.model", teacher.weights)
+        resolve.check_spec(teacher.model, f"{where}.model", teacher.weights)
         _check_new_keys(teacher, where)
         if (teacher.mean is None) != (teacher.std is None):
             raise RecipeError(f"{where}.mean", "give both mean and std, or neither")
@@ -121,11 +128,9 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
             raise RecipeError(f"{where}.train.epochs", f"must be >= 1, got {teacher.train.epochs}")
 
     d = recipe.distill
-    if d.policy not in POLICIES:
-        raise RecipeError("distill.policy", f"unknown policy {d.policy!r}; known: "
-                          f"{', '.join(sorted(POLICIES))}{close_matches(d.policy, POLICIES)}")
+    LOSSES.get(d.logit_loss, "distill.logit_loss")
     try:
-        POLICIES[d.policy].check_args(d.policy_args)
+        POLICIES.get(d.policy, "distill.policy").check_args(d.policy_args)
     except ValueError as exc:
         raise RecipeError("distill.policy_args", str(exc)) from None
     try:

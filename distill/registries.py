@@ -49,8 +49,12 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except (KeyError, TypeError):
-            raise RecipeError(field, f"unknown {self.kind} {name!r}{close_matches(str(name), self._items)}; "
-                                     f"choose one of: {', '.join(self.names())}") from None
+            raise RecipeError(field, self.unknown(name)) from None
+
+    def unknown(self, name: object) -> str:
+        """Return the message for an unknown ``name``: close matches and the choices."""
+        return (f"unknown {self.kind} {name!r}{close_matches(str(name), self._items)}; "
+                f"choose one of: {', '.join(self.names())}")
 
     def names(self) -> List[str]:
         """Return the registered names, in registration order."""

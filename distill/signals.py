@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import losses
+from .registries import LOSSES
 from .taps import pool_feature
 
 
@@ -56,19 +57,19 @@ def compute_signals(student: StudentOutputs, teachers: TeacherOutputs, target: T
                     temperature: float, logit_loss: str = "kd") -> Signals:
     """Return the :class:`Signals` of one step (the only place they are computed).
 
-    ``logit_loss`` picks the per-teacher logit term ``kd``: Hinton's KD (``"kd"``) or DIST
-    (``"dist"``); ``kl`` is ``T^2 KL(p_T || p_S)`` either way (the MTKD-RL state needs it).
+    ``logit_loss`` picks the per-teacher logit term ``kd`` from
+    :data:`~distill.registries.LOSSES` (Hinton's KD ``"kd"``, DIST ``"dist"``, ...); ``kl``
+    is ``T^2 KL(p_T || p_S)`` whatever it is (the MTKD-RL state needs it).
     """
     student_ce = losses.cross_entropy(student.logits, target)
-    if logit_loss == "dist":
-        kd = losses.dist_loss(student.logits, teachers.logits, temperature)
+    if logit_loss not in LOSSES:  # recipes are validated before: a caller's bug
+        raise ValueError(f"logit_loss {logit_loss!r} is not one of {', '.join(LOSSES)}")
+    logit_term = LOSSES[logit_loss]
+    kd = logit_term(student.logits, teachers.logits, temperature)
+    kl = None
+    if logit_term is not losses.kd_loss:
         with torch.no_grad():
             kl = losses.kd_loss(student.logits, teachers.logits, temperature)
-    elif logit_loss == "kd":
-        kd = losses.kd_loss(student.logits, teachers.logits, temperature)
-        kl = None
-    else:
-        raise ValueError(f"logit_loss {logit_loss!r} is not kd or dist")
     feat = torch.stack([losses.fitnet_loss(p, f) for p, f in zip(student.projected, teachers.features)])
     with torch.no_grad():
         teacher_ce = losses.cross_entropy(teachers.logits, target)

@@ -1,12 +1,16 @@
 """Feature taps: run a timm classifier once and return its logits, the feature used for
 feature distillation, and its pooled pre-logit embedding.
 
-Tap specs (recipe key ``distill.features``):
+Tap kinds (recipe key ``distill.features``), registered in :data:`distill.registries.TAPS`:
 
 - ``pre_logits``: the pooled pre-logit vector ``(B, d)`` (default; cheap).
 - ``last_map``: the last-stage map from ``forward_features`` — ``(B, C, H, W)`` for CNNs,
   patch tokens ``(B, N, D)`` (prefix tokens removed) for ViTs.
-- ``<int>``: an intermediate stage by index, through timm's ``forward_intermediates``.
+- ``<int>`` (kind ``stage``): an intermediate stage by index, through timm's
+  ``forward_intermediates``.
+
+A tap kind is a class with two static methods: ``features(model, x, index) -> (final map,
+tapped feature or None for the embedding)`` and ``head(model, feature, index) -> logits``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+
+from .registries import TAPS
 
 
 @dataclass(frozen=True)
@@ -27,12 +33,73 @@ class FeatureTap:
 
 
 def parse_feature_tap(spec: Union[str, int]) -> FeatureTap:
-    """Return the :class:`FeatureTap` for a recipe value; raise ValueError if malformed."""
+    """Return the :class:`FeatureTap` for a recipe value; raise ValueError (the registry's message) if malformed."""
     if isinstance(spec, int) or (isinstance(spec, str) and spec.lstrip("-").isdigit()):
         return FeatureTap("stage", int(spec))
-    if spec in ("pre_logits", "last_map"):
-        return FeatureTap(spec)
-    raise ValueError(f"{spec!r} is not pre_logits, last_map or a stage index")
+    if spec not in TAPS:
+        raise ValueError(TAPS.unknown(spec))
+    if TAPS[spec].takes_index:
+        raise ValueError(f"{spec!r} taps a stage by index: write the stage number (e.g. 2)")
+    return FeatureTap(spec)
+
+
+@TAPS.register("pre_logits", help="the pooled pre-logit vector (B, d) (default; cheap)")
+class PreLogitsTap:
+    """The embedding the classifier reads."""
+
+    takes_index = False
+
+    @staticmethod
+    def features(model: nn.Module, x: Tensor, index: Optional[int]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Return ``(final map, None)``: the feature is the embedding."""
+        return model.forward_features(x), None
+
+    @staticmethod
+    def head(model: nn.Module, feature: Tensor, index: Optional[int]) -> Tensor:
+        """Return the classifier's logits ``(B, C)`` on a ``(B, d)`` vector."""
+        classifier = model.get_classifier()
+        if not isinstance(classifier, nn.Module):
+            raise ValueError(f"{type(model).__name__}.get_classifier() is not one module")
+        return classifier(feature)
+
+
+@TAPS.register("last_map", help="the last-stage map (B, C, H, W), or ViT patch tokens (B, N, D)")
+class LastMapTap:
+    """The map ``forward_features`` ends with (ViT prefix tokens removed)."""
+
+    takes_index = False
+
+    @staticmethod
+    def features(model: nn.Module, x: Tensor, index: Optional[int]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Return ``(final map, final map without prefix tokens)``."""
+        final = model.forward_features(x)
+        return final, _strip_prefix_tokens(model, final)
+
+    @staticmethod
+    def head(model: nn.Module, feature: Tensor, index: Optional[int]) -> Tensor:
+        """Return ``forward_head`` on the map, or on patch tokens with the prefix tokens put back as zeros."""
+        prefix = getattr(model, "num_prefix_tokens", 0) if feature.ndim == 3 else 0
+        if prefix:
+            feature = torch.cat([feature.new_zeros(feature.shape[0], prefix, feature.shape[2]), feature], 1)
+        return model.forward_head(feature)
+
+
+@TAPS.register("stage", help="<int>: an intermediate stage by index (timm forward_intermediates)")
+class StageTap:
+    """Stage ``index`` of ``forward_intermediates``."""
+
+    takes_index = True
+
+    @staticmethod
+    def features(model: nn.Module, x: Tensor, index: Optional[int]) -> Tuple[Tensor, Optional[Tensor]]:
+        """Return ``(final map, stage index's output)``."""
+        final, (feature,) = model.forward_intermediates(x, indices=[index])
+        return final, feature
+
+    @staticmethod
+    def head(model: nn.Module, feature: Tensor, index: Optional[int]) -> Tensor:
+        """Raise ValueError: no classifier follows an intermediate stage."""
+        raise ValueError(f"stage {index} of {type(model).__name__} is not followed by its classifier")
 
 
 @dataclass
@@ -56,6 +123,7 @@ class TappedModel(nn.Module):
         super().__init__()
         self.model = model
         self.tap = tap
+        self.kind = TAPS[tap.kind]
         for name in ("forward_features", "forward_head"):
             if not hasattr(model, name):
                 raise TypeError(f"{type(model).__name__} has no {name}(); distillation needs timm's classifier API")
@@ -81,18 +149,10 @@ class TappedModel(nn.Module):
     def forward(self, x: Tensor) -> TapOutput:
         """Return logits ``(B, C)``, tapped feature and embedding ``(B, d)`` for ``x``."""
         model = self.model
-        if self.tap.kind == "stage":
-            final, (feature,) = model.forward_intermediates(x, indices=[self.tap.index])
-        else:
-            final = model.forward_features(x)
-            feature = None
+        final, feature = self.kind.features(model, x, self.tap.index)
         embedding = model.forward_head(final, pre_logits=True)
         logits = model.get_classifier()(embedding) if self.split_head else model.forward_head(final)
-        if self.tap.kind == "pre_logits":
-            feature = embedding
-        elif self.tap.kind == "last_map":
-            feature = _strip_prefix_tokens(model, final)
-        return TapOutput(logits, feature, embedding)
+        return TapOutput(logits, embedding if feature is None else feature, embedding)
 
     def head(self, feature: Tensor) -> Tensor:
         """Return the logits ``(B, C)`` this model's own head gives for ``feature``, without grad.
@@ -105,19 +165,8 @@ class TappedModel(nn.Module):
         for an intermediate stage (no head follows it) or a model whose classifier is not one
         module. Whether the head reproduces the model's logits is the caller's check.
         """
-        model = self.model
-        if self.tap.kind == "stage":
-            raise ValueError(f"stage {self.tap.index} of {type(model).__name__} is not followed by its classifier")
         with torch.no_grad():
-            if self.tap.kind == "pre_logits":
-                classifier = model.get_classifier()
-                if not isinstance(classifier, nn.Module):
-                    raise ValueError(f"{type(model).__name__}.get_classifier() is not one module")
-                return classifier(feature)
-            prefix = getattr(model, "num_prefix_tokens", 0) if feature.ndim == 3 else 0
-            if prefix:
-                feature = torch.cat([feature.new_zeros(feature.shape[0], prefix, feature.shape[2]), feature], 1)
-            return model.forward_head(feature)
+            return self.kind.head(self.model, feature, self.tap.index)
 
 
 def _strip_prefix_tokens(model: nn.Module, features: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import DistillError
-from .registry import DataSpec
+from .resolve import DataSpec
 from .signals import TeacherOutputs
 from .taps import FeatureTap, TappedModel
 

@@ -3,7 +3,7 @@
 Cases already covered elsewhere (not repeated here): empty class folder and class-folder
 mismatches (tests/test_data.py), teacher class-count mismatch (tests/test_recipe.py),
 mismatched / truncated checkpoint pair (tests/test_checkpoint.py), code-carrying pickles as
-weights (tests/test_registry.py) and from the Hub (tests/test_hub.py).
+weights (tests/test_resolve.py) and from the Hub (tests/test_hub.py).
 """
 
 import pickle
@@ -17,7 +17,7 @@ from PIL import Image
 from distill import cli
 from distill.checkpoint import load_checkpoint, save_checkpoint
 from distill.errors import DistillError
-from distill.registry import resolve_model
+from distill.resolve import resolve_model
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ from distill import losses
 from distill.distiller import Distiller
 from distill.policies import build_policy
 from distill.projectors import MapProjector, VectorProjector
-from distill.registry import DataSpec
+from distill.resolve import DataSpec
 from distill.taps import FeatureTap, parse_feature_tap
 from distill.teachers import InputAdapter, Teacher, TeacherPool
 

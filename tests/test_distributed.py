@@ -17,8 +17,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from distill.data import EpochSampler
-from distill.distributed import ShardSampler, ShardedEpochSampler
+from distill.data import EpochSampler, ShardSampler, ShardedEpochSampler
 
 torch.set_num_threads(1)
 

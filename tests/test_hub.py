@@ -30,7 +30,7 @@ from distill.errors import DistillError, RecipeError  # noqa: E402
 from distill.manifest import content_hash, diff  # noqa: E402
 from distill.pipeline import RecipeRunner  # noqa: E402
 from distill.recipe_load import recipe_from_dict  # noqa: E402
-from distill.registry import load_student_checkpoint, resolve_model  # noqa: E402
+from distill.resolve import load_student_checkpoint, resolve_model  # noqa: E402
 
 TOKEN = "hf_distillTEST0token0never0written0ABCDEFG"
 REPO = "org/teacher"

@@ -16,7 +16,7 @@ from distill.distiller import Distiller  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
 from distill.policies import build_policy  # noqa: E402
 from distill.policies.mtkd_rl import advantages, align_loss, align_loss_bounds, alignment_rewards  # noqa: E402
-from distill.registry import DataSpec  # noqa: E402
+from distill.resolve import DataSpec  # noqa: E402
 from distill.signals import StudentOutputs, TeacherOutputs, compute_signals  # noqa: E402
 from distill.taps import FeatureTap  # noqa: E402
 from distill.teachers import InputAdapter, Teacher, TeacherPool  # noqa: E402

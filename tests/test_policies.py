@@ -18,7 +18,7 @@ from distill.policies import POLICIES, Weights, build_policy  # noqa: E402
 from distill.policies.camkd import confidence_weights  # noqa: E402
 from distill.policies.mtkd_rl import build_state, normalise_rewards, official_rewards, paper_rewards  # noqa: E402
 from distill.recipe_load import recipe_from_dict  # noqa: E402
-from distill.registry import DataSpec  # noqa: E402
+from distill.resolve import DataSpec  # noqa: E402
 from distill.signals import Signals, StudentOutputs, TeacherOutputs, compute_signals  # noqa: E402
 from distill.taps import FeatureTap  # noqa: E402
 from distill.teachers import InputAdapter, Teacher, TeacherPool  # noqa: E402

@@ -100,7 +100,7 @@ def test_teacher_class_count_mismatch_is_a_clear_error(tmp_path, capsys):
     import timm
 
     from distill.checkpoint import STUDENT_PREFIX, prefixed, save_checkpoint
-    from distill.registry import DataSpec, student_metadata
+    from distill.resolve import DataSpec, student_metadata
 
     model = timm.create_model("cifar_resnet8", num_classes=5, in_chans=1)
     data = DataSpec((1, 8, 8), (0.5,), (0.5,))

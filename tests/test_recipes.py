@@ -19,7 +19,7 @@ from distill.projectors import GridProjector, MapProjector, TokenProjector, buil
 from distill.recipe import DataConfig, TeacherConfig  # noqa: E402
 from distill.recipe_load import load_recipe, teacher_configs  # noqa: E402
 from distill.recipe_docs import dataclasses_in_schema, render  # noqa: E402
-from distill.registry import DataSpec, ResolvedModel  # noqa: E402
+from distill.resolve import DataSpec, ResolvedModel  # noqa: E402
 from distill.taps import FeatureTap  # noqa: E402
 from zoo.pools import POOLS  # noqa: E402
 

@@ -5,8 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from distill.data import SeededSampler
-from distill.distributed import RepeatAugEpochSampler, train_sampler
+from distill.data import RepeatAugEpochSampler, SeededSampler, train_sampler
 
 
 def _epoch(n, repeats, world, epoch, seed=0):

@@ -259,7 +259,7 @@ def test_key_tracks_files_seed_views_teachers_top_k_and_dtype(image_tree, tmp_pa
 
     from distill.cache.store import cache_key, cache_spec, dataset_fingerprint
     from distill.pipeline import make_teacher
-    from distill.registry import DataSpec, resolve_model
+    from distill.resolve import DataSpec, resolve_model
     from distill.recipe import TeacherConfig
     from distill.taps import FeatureTap
     from distill.teachers import TeacherPool

@@ -13,7 +13,7 @@ from distill.build import build_distiller
 from distill.checkpoint import load_checkpoint, save_checkpoint
 from distill.engine import EpochMeter
 from distill.recipe import DistillConfig, OptimConfig, RunConfig
-from distill.registry import DataSpec
+from distill.resolve import DataSpec
 from distill.taps import FeatureTap
 from distill.teachers import InputAdapter, Teacher
 

@@ -1,8 +1,9 @@
 """Teacher-output cache (FKD-style): views stored as augmentation parameters, the teachers'
 top-k soft labels in sharded safetensors files, replayed and looked up while training.
 
-- :mod:`distill.cache.views`: training augmentation split at its random draws, so a view is
-  a small record (crop box, flip, seed of the later random ops) that replays exactly.
+- :mod:`distill.data.transforms` (outside this package): training augmentation split at its
+  random draws, so a view is a small record (crop box, flip, seed of the later random ops)
+  that replays exactly.
 - :mod:`distill.cache.items`: raw training items, the build's and the training's datasets.
 - :mod:`distill.cache.topk`: top-k soft labels and their reconstruction to full logits.
 - :mod:`distill.cache.store`: the on-disk format (shards + index JSON), key, checksums, lookup.

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import distributed
-from ..data import SeededDataset, ignore_interrupts
+from ..data import PARAMS, SeededDataset, ignore_interrupts
 from ..engine import autocast
 from ..errors import DistillError
 from ..fileio import read_json, write_text
@@ -31,7 +31,6 @@ from ..teachers import TeacherPool
 from .items import ViewItems, seeded_keys, shard_ranges
 from .store import file_sha256, read_index, save_shard, shard_name
 from .topk import topk_soft_labels
-from .views import PARAMS
 
 
 _TEST_SHARD_DELAY = float(os.environ.get("DISTILL_TEST_SHARD_DELAY", "0") or 0)  # seconds per shard; tests only

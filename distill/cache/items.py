@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler, Subset
 
-from ..data import TensorImageDataset, dataset_targets
-from .views import PARAMS, ViewAugment
+from ..data import PARAMS, TensorImageDataset, ViewAugment, dataset_targets, item_seed
 
 
 def leaf_item(dataset: Dataset, index: int) -> Tuple[Dataset, int]:
@@ -32,6 +31,8 @@ def _raw(leaf: Dataset, index: int) -> Tuple[Any, Optional[Any]]:
     """Return ``(unaugmented image, the dataset's training transform)`` of a leaf dataset."""
     if isinstance(leaf, TensorImageDataset):
         return leaf.images[index], leaf.augment
+    if hasattr(leaf, "raw_image"):  # distill.data.hfds.HFImageDataset
+        return leaf.raw_image(index), leaf.transform
     if hasattr(leaf, "samples") and hasattr(leaf, "loader"):  # torchvision ImageFolder
         return leaf.loader(leaf.samples[index][0]), leaf.transform
     if hasattr(leaf, "data") and hasattr(leaf, "transform"):  # torchvision CIFAR10 / CIFAR100
@@ -138,6 +139,4 @@ def shard_ranges(n: int, shard_images: int) -> List[Tuple[int, int]]:
 
 def seeded_keys(indices: Sequence[int], seed: int, view: int) -> List[Tuple[int, int]]:
     """Return ``(index, item seed)`` keys: item ``index`` seeded as a loader of ``seed`` seeds epoch ``view``."""
-    from ..data import item_seed
-
     return [(int(i), item_seed(seed, view, int(i))) for i in indices]

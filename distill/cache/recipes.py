@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import distributed
-from ..data import DataBundle, build_loader
+from ..data import DataBundle, EpochSampler, build_loader, train_sampler
 from ..teachers import TeacherPool
 from .build import build_shards
 from .items import CachedViews, ViewSampler
@@ -78,10 +78,8 @@ def training_cache(recipe: Any, bundle: DataBundle, pool: TeacherPool, device: t
 
 def cached_train_loader(recipe: Any, train: Dataset, cache: TeacherCache) -> DataLoader:
     """Return the training loader replaying the cache's views: ``(x, y, key)`` batches, view ``epoch mod K``."""
-    inner = distributed.train_sampler(len(train), recipe.data.batch_size, recipe.seed)
+    inner = train_sampler(len(train), recipe.data.batch_size, recipe.seed)
     if inner is None:
-        from ..data import EpochSampler
-
         inner = EpochSampler(len(train), shuffle=True, seed=recipe.seed)
     return build_loader(CachedViews(train, cache.records), distributed.local_batch_size(recipe.data.batch_size),
                         True, recipe.data.num_workers, recipe.seed, sampler=ViewSampler(inner, cache.num_views))

@@ -1,7 +1,7 @@
 """The cache on disk: ``$DISTILL_HOME/cache/teachers/<key>/``.
 
 - ``shard-NNNNN.safetensors``: images ``[start, stop)`` of the training set, every view:
-  ``views`` int64 ``(n, K, 7)`` (the view records, :mod:`distill.cache.views`), ``values``
+  ``views`` int64 ``(n, K, 7)`` (the view records, :mod:`distill.data.transforms`), ``values``
   fp16 ``(n, K, M, k)`` and ``ids`` int16/int32 ``(n, K, M, k)`` (each teacher's top-k
   logits and their classes), ``rest`` fp32 ``(n, K, M)`` (log-sum-exp of the other
   logits; absent when k = C, :mod:`distill.cache.topk`), ``feature.<m>`` fp16

@@ -1,33 +1,31 @@
-"""The weighting-policy interface and its registry.
+"""The weighting-policy interface; policies register in :data:`distill.registries.POLICIES`.
 
 A policy turns the step's :class:`~distill.signals.Signals` into per-sample teacher
 weights for the logit and feature terms of Equ.(2). Weights are ``(B, M)``, each row sums
 to 1 (or is 0 where a policy switches a level off), and enter the student loss detached. A
-new policy is one file with one ``@register_policy`` class.
+new policy is one file with one ``@register_policy`` class (its ``name`` is the registry key).
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Sequence, Type
+from typing import Any, Callable, ClassVar, Dict, Sequence, Type, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import close_matches
+from ..registries import POLICIES
 from ..signals import Signals, StudentOutputs, TeacherOutputs
 
-POLICIES: Dict[str, Type["WeightingPolicy"]] = {}
+P = TypeVar("P", bound=Type["WeightingPolicy"])
 TeacherHead = Callable[[Tensor], Tensor]  # teacher m's head: a feature in its space -> logits (B, C), no grad
 
 
-def register_policy(cls: Type["WeightingPolicy"]) -> Type["WeightingPolicy"]:
-    """Class decorator: register ``cls`` under ``cls.name``."""
-    if cls.name in POLICIES:
-        raise ValueError(f"policy {cls.name!r} registered twice")
-    POLICIES[cls.name] = cls
-    return cls
+def register_policy(cls: P) -> P:
+    """Class decorator: register ``cls`` in :data:`POLICIES` under ``cls.name``."""
+    return POLICIES.register(cls.name)(cls)
 
 
 @dataclass
@@ -111,7 +109,8 @@ def uniform_weights(batch: int, num_teachers: int, like: Tensor) -> Tensor:
 
 
 def build_policy(name: str, num_teachers: int, args: Dict[str, Any]) -> WeightingPolicy:
-    """Return the registered policy ``name`` for ``num_teachers`` teachers."""
-    cls = POLICIES[name]
+    """Return the registered policy ``name`` for ``num_teachers`` teachers (unknown: RecipeError naming
+    ``distill.policy``)."""
+    cls = POLICIES.get(name, "distill.policy")
     cls.check_args(args)
     return cls(num_teachers, **args)

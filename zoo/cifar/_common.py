@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.layers import create_classifier
 from timm.models import _registry as _timm_registry
 from timm.models import generate_default_cfgs, register_model
@@ -26,8 +28,6 @@ __all__ = [
 
 CIFAR100_MEAN: Tuple[float, float, float] = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD: Tuple[float, float, float] = (0.2675, 0.2565, 0.2761)
-IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 _ZOO_MODEL_NAMES: set[str] = set()
 

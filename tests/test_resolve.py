@@ -9,7 +9,7 @@ import torch
 
 from distill.errors import DistillError, RecipeError
 from distill.paths import weights_dir
-from distill.registry import check_spec, resolve_model
+from distill.resolve import check_spec, resolve_model
 
 from .conftest import SHARED_DATA
 
