@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,7 @@ from .action import divergence_weights, floored, fuse, gated_divergence, parse_g
 from .args import BUFFER_DTYPES, VARIANT_DEFAULTS, check_mtkd_args
 from .agent import MTKDAgent, build_state
 from .buffer import EpisodeBuffer, to_host
+from .persample import per_sample_terms
 from . import rewards as R
 
 _BOUND_TOL = 1e-4
@@ -74,6 +75,8 @@ class MTKDRLPolicy(WeightingPolicy):
         self.tau = 0.2 if tau is None else float(tau)
         self.kl_limit = 0.05 if kl_limit is None else float(kl_limit)
         self.alpha, self.beta, self.temperature, self.logit_loss = 1.0, 5.0, 4.0, "kd"
+        self.projectors: Optional[List[nn.Module]] = None  # bound by the Distiller (plain list: not submodules)
+        self.classifier_bias: Optional[bool] = None  # the student's linear classifier has a bias (None: no such classifier)
         self.agent: Optional[MTKDAgent] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.dims: Optional[Dict[str, Any]] = None  # {"embed": [d_m], "classes": C}
@@ -91,6 +94,12 @@ class MTKDRLPolicy(WeightingPolicy):
         check_mtkd_args(args)
 
     # -- building ---------------------------------------------------------------
+
+    def bind_student(self, projectors: Sequence[nn.Module], classifier: Optional[nn.Linear]) -> None:
+        """Keep the projectors (align: the reward differentiates each teacher's term per sample
+        through them, :mod:`.persample`) and whether the student's classifier has a bias."""
+        self.projectors = list(projectors)
+        self.classifier_bias = None if classifier is None else classifier.bias is not None
 
     def setup(self, teachers: TeacherOutputs, alpha: float = 1.0, beta: float = 5.0,
               temperature: float = 4.0, logit_loss: str = "kd") -> None:
@@ -141,7 +150,10 @@ class MTKDRLPolicy(WeightingPolicy):
         with torch.autocast(signals.student_ce.device.type, enabled=False):
             out: Dict[str, Tensor] = {}
             if self.variant == "align":  # needs the step's graph: before backward
-                out["reward"] = torch.stack(R.alignment_rewards(signals, student))  # (2, B, M)
+                terms = None
+                if self.projectors is not None:  # inside a Distiller: exact per-sample gradients
+                    terms = per_sample_terms(student, teachers, self.projectors, self.temperature, self.logit_loss)
+                out["reward"] = torch.stack(R.alignment_rewards(signals, student, terms))  # (2, B, M)
             with torch.no_grad():
                 out["state"] = build_state(signals, teachers)
                 out["conf"] = confidence_weights(signals.teacher_ce)

@@ -22,6 +22,7 @@ from torch import Tensor
 from ...distributed import is_distributed
 from ...signals import Signals, StudentOutputs
 from ..base import Weights
+from .persample import PerSampleTerms
 
 ADVANTAGE_EPS = 1e-6
 
@@ -80,29 +81,35 @@ def official_loss(rhat: Tensor, log_l: Tensor, log_f: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- align
 
 
-def _per_teacher_grad_cosine(reference: Tensor, terms: Tensor, wrt: Tensor) -> Tensor:
-    """Return ``cos(grad_wrt reference[i], grad_wrt terms[m, i])`` per sample, shape ``(B, M)``.
+def _gradient_rows(objective: Tensor, wrt: Tensor) -> Optional[Tensor]:
+    """Return ``grad(objective.sum(), wrt)`` as float32 rows ``(B, D)`` (the graph is kept: the
+    step's backward still runs), or None where ``objective`` does not depend on ``wrt``."""
+    (grad,) = torch.autograd.grad(objective.sum(), wrt, retain_graph=True, allow_unused=True)
+    return None if grad is None else grad.detach().float().flatten(1)
 
-    ``reference (B,)`` and ``terms (M, B)`` are per-sample losses on the step's graph (kept:
-    the student's backward still runs); ``wrt (B, ...)`` is a tensor on that graph whose row i
-    only sample i's losses depend on (student logits, the tapped feature), so the gradient of
-    a batch sum is the per-sample gradient.
+
+def _per_teacher_cosine(reference: Optional[Tensor], terms: Tensor, wrt: Tensor) -> Tensor:
+    """Return ``cos(reference[i], grad_wrt terms[m])[i]`` per sample, shape ``(B, M)``.
+
+    ``reference (B, D)``: sample i's CE gradient in row i (None: the CE does not depend on
+    ``wrt``, so no term can help it there: all 0). ``terms``: per teacher, a loss whose gradient
+    with respect to ``wrt (B, ...)`` has sample i's own gradient in row i (``(M, B)`` per-sample
+    terms with no coupling between samples, or ``(M,)`` objectives built for it,
+    :mod:`.persample`). A term that does not depend on ``wrt`` gets 0.
     """
-    (ref,) = torch.autograd.grad(reference.sum(), wrt, retain_graph=True, allow_unused=True)
-    if ref is None:  # the reference does not depend on `wrt`: no term can help it through `wrt`
-        return terms.new_zeros(terms.shape[1], terms.shape[0]).float()
-    ref = ref.detach().float().flatten(1)
+    batch = wrt.shape[0]
+    if reference is None:
+        return torch.zeros(batch, len(terms), device=wrt.device)
     cols = []
     for term in terms:
-        (grad,) = torch.autograd.grad(term.sum(), wrt, retain_graph=True, allow_unused=True)
-        if grad is None:  # the term does not depend on `wrt` (a constant): no alignment either way
-            cols.append(ref.new_zeros(ref.shape[0]))
-            continue
-        cols.append(F.cosine_similarity(ref, grad.detach().float().flatten(1), dim=1, eps=1e-12))
+        grad = _gradient_rows(term, wrt)
+        cols.append(reference.new_zeros(batch) if grad is None
+                    else F.cosine_similarity(reference, grad, dim=1, eps=1e-12))
     return torch.stack(cols, dim=1)
 
 
-def alignment_rewards(signals: Signals, student: StudentOutputs) -> Tuple[Tensor, Tensor]:
+def alignment_rewards(signals: Signals, student: StudentOutputs, terms: Optional[PerSampleTerms] = None
+                      ) -> Tuple[Tensor, Tensor]:
     """Return the align rewards ``(u_l, u_f)``, each ``(B, M)`` in ``[-1, 1]``.
 
     Does a step on teacher m's term lower the student's label loss? To first order, by the
@@ -114,14 +121,27 @@ def alignment_rewards(signals: Signals, student: StudentOutputs) -> Tuple[Tensor
     Where the student's CE does not depend on the tapped feature (a class-token ViT tapped at
     ``last_map``: its head reads the class token, the feature is the patch tokens) ``u_f = 0``
     for every teacher, so the feature-level advantages are 0 and that policy stays uniform.
+
+    ``terms`` (:func:`.persample.per_sample_terms`, what the policy uses inside a Distiller):
+    the teachers' gradients are sample i's own gradients (BatchNorm statistics of the
+    projectors as constants, DIST's batch term once). Without it they are taken on the step's
+    graph, sample i's own only where the terms couple no samples (KD; projectors without
+    BatchNorm). The CE's gradients come from the step's graph either way (the student's head
+    after the tap is per-sample: pooling and a linear classifier).
     """
     for name, t in (("logits", student.logits), ("feature", student.feature)):
         if not t.requires_grad:
             raise ValueError(f"policy 'mtkd_rl' (variant align): the student's {name} carry no autograd graph; "
                              "its reward is computed inside the training step, before backward")
     with torch.enable_grad():
-        u_l = _per_teacher_grad_cosine(signals.student_ce, signals.kd, student.logits)
-        u_f = _per_teacher_grad_cosine(signals.student_ce, signals.feat, student.feature)
+        ce_logits = _gradient_rows(signals.student_ce, student.logits)
+        ce_feature = _gradient_rows(signals.student_ce, student.feature)
+        if terms is None:
+            u_l = _per_teacher_cosine(ce_logits, signals.kd, student.logits)
+            u_f = _per_teacher_cosine(ce_feature, signals.feat, student.feature)
+        else:
+            u_l = _per_teacher_cosine(ce_logits, terms.logit_objective, terms.logits)
+            u_f = _per_teacher_cosine(ce_feature, terms.feature_objective, terms.feature)
     return u_l, u_f
 
 
