@@ -6,23 +6,25 @@ advantages and policies are ``(B, M)``.
 - ``paper`` (Equ. 6-8): :func:`paper_rewards`, :func:`normalise_rewards`, :func:`paper_loss`.
 - ``official`` (the authors' code): :func:`official_rewards`, :func:`official_loss`.
 - ``align`` (``shared/MTKD-RL-SPEC.md``, "Amendment: a variant that learns"):
-  :func:`alignment_rewards`, :func:`advantages`, :func:`align_loss`, :func:`align_loss_bounds`.
+  :func:`alignment_rewards`, :func:`advantages`, :func:`align_loss`, :func:`align_loss_bounds`;
+  with ``reward: heldout`` the logit level's reward is :func:`heldout_rewards` (:mod:`.heldout`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...distributed import is_distributed
-from ...signals import Signals, StudentOutputs
+from ...signals import Signals, StudentOutputs, TeacherOutputs
 from ..base import Weights
-from .persample import PerSampleTerms
+from .heldout import HeldoutGradient
+from .persample import PerSampleTerms, per_sample_terms
 
 ADVANTAGE_EPS = 1e-6
 
@@ -129,20 +131,70 @@ def alignment_rewards(signals: Signals, student: StudentOutputs, terms: Optional
     BatchNorm). The CE's gradients come from the step's graph either way (the student's head
     after the tap is per-sample: pooling and a linear classifier).
     """
-    for name, t in (("logits", student.logits), ("feature", student.feature)):
-        if not t.requires_grad:
-            raise ValueError(f"policy 'mtkd_rl' (variant align): the student's {name} carry no autograd graph; "
-                             "its reward is computed inside the training step, before backward")
+    return logit_alignment(signals, student, terms), feature_alignment(signals, student, terms)
+
+
+def _check_graph(tensor: Tensor, name: str) -> None:
+    if not tensor.requires_grad:
+        raise ValueError(f"policy 'mtkd_rl' (variant align): the student's {name} carry no autograd graph; "
+                         "its reward is computed inside the training step, before backward")
+
+
+def logit_alignment(signals: Signals, student: StudentOutputs, terms: Optional[PerSampleTerms] = None) -> Tensor:
+    """Return ``u_l = cos(grad_z CE, grad_z KD_m)`` per sample, ``(B, M)`` (:func:`alignment_rewards`)."""
+    _check_graph(student.logits, "logits")
     with torch.enable_grad():
-        ce_logits = _gradient_rows(signals.student_ce, student.logits)
-        ce_feature = _gradient_rows(signals.student_ce, student.feature)
+        reference = _gradient_rows(signals.student_ce, student.logits)
         if terms is None:
-            u_l = _per_teacher_cosine(ce_logits, signals.kd, student.logits)
-            u_f = _per_teacher_cosine(ce_feature, signals.feat, student.feature)
-        else:
-            u_l = _per_teacher_cosine(ce_logits, terms.logit_objective, terms.logits)
-            u_f = _per_teacher_cosine(ce_feature, terms.feature_objective, terms.feature)
-    return u_l, u_f
+            return _per_teacher_cosine(reference, signals.kd, student.logits)
+        return _per_teacher_cosine(reference, terms.logit_objective, terms.logits)
+
+
+def feature_alignment(signals: Signals, student: StudentOutputs, terms: Optional[PerSampleTerms] = None) -> Tensor:
+    """Return ``u_f = cos(grad_f CE, grad_f FEAT_m)`` per sample, ``(B, M)`` (:func:`alignment_rewards`)."""
+    _check_graph(student.feature, "feature")
+    with torch.enable_grad():
+        reference = _gradient_rows(signals.student_ce, student.feature)
+        if terms is None:
+            return _per_teacher_cosine(reference, signals.feat, student.feature)
+        return _per_teacher_cosine(reference, terms.feature_objective, terms.feature)
+
+
+def heldout_rewards(terms: PerSampleTerms, embedding: Optional[Tensor], heldout: HeldoutGradient) -> Tensor:
+    """Return ``reward: heldout``'s logit-level rewards ``(B, M)`` (:mod:`.heldout`): per sample
+    and teacher, the held-out CE decrease per unit learning rate of a step on that teacher's
+    term, in the student classifier's parameter space; ``embedding (B, d)`` is the classifier's
+    input (None: the student's logits are not a linear classifier of it, which this reward needs)."""
+    if embedding is None:
+        raise ValueError("policy 'mtkd_rl': reward heldout needs a student whose logits are its linear "
+                         "classifier applied to the pooled pre-logits (no head dropout)")
+    with torch.enable_grad():
+        grads = torch.stack([_gradient_rows(t, terms.logits) for t in terms.logit_objective])  # (M, B, C)
+    return heldout.rewards(grads, embedding)
+
+
+def align_step_rewards(signals: Signals, teachers: TeacherOutputs, student: StudentOutputs,
+                       projectors: Optional[Sequence[nn.Module]], temperature: float, logit_loss: str,
+                       heldout: Optional[HeldoutGradient]) -> Tensor:
+    """Return variant align's rewards of one step, ``(2, B, M)`` (levels logit, feat).
+
+    With ``projectors`` (bound by the Distiller) every teacher gradient is exactly per sample
+    (:func:`.persample.per_sample_terms`); without, taken on the step's graph. The logit level
+    is :func:`logit_alignment` (``heldout`` None, ``reward: align``) or :func:`heldout_rewards`
+    (``reward: heldout``, which needs the projectors bound); the feature level is
+    :func:`feature_alignment` either way.
+    """
+    terms = None
+    if projectors is not None:
+        terms = per_sample_terms(student, teachers, projectors, temperature, logit_loss)
+    if heldout is None:
+        u_l = logit_alignment(signals, student, terms)
+    elif terms is None:
+        raise ValueError("policy 'mtkd_rl': reward heldout needs the student's projectors and classifier: "
+                         "call bind_student(...) first (the Distiller does)")
+    else:
+        u_l = heldout_rewards(terms, student.embedding, heldout)
+    return torch.stack([u_l, feature_alignment(signals, student, terms)])
 
 
 def batch_std(rewards: Tensor) -> Tensor:
