@@ -111,7 +111,8 @@ def test_heldout_reward_values_dark_knowledge_that_the_same_sample_cosine_penali
         bad = permute_dark_knowledge(good)
         assert torch.equal(good.argmax(1), bad.argmax(1))
         right = good.argmax(1) == y_train
-        assert torch.allclose(losses.cross_entropy(good, y_train)[right], losses.cross_entropy(bad, y_train)[right], atol=1e-6)
+        assert torch.allclose(losses.cross_entropy(good, y_train)[right], losses.cross_entropy(bad, y_train)[right],
+                              atol=1e-6)
         h = student[:2](x_train)
         z = student[2](h)
     heldout, u, cos = HeldoutGradient(), [], []

@@ -64,7 +64,9 @@ Reward and objective, ``variant: align``
     the previous (held-out) batch in the student classifier's parameter space (learning to
     reweight, :mod:`.heldout`): the same-sample cosine penalises dark knowledge (mass on the
     classes similar to the label, which the sample's own CE pushes down); the held-out one
-    credits it where it lowers the CE of those classes' samples. Default ``align``. Advantage ``A = (u - mean_m u) / (std_batch(u) + 1e-6)``; per level the
+    credits it where it lowers the CE of those classes' samples (an inner product, not bounded;
+    the objective's bound below holds for any reward). Default ``align``.
+    Advantage ``A = (u - mean_m u) / (std_batch(u) + 1e-6)``; per level the
     all-actions policy gradient with an entropy term::
 
         L = -mean_i [sum_m pi_im A_im + tau H(pi_i)],   tau = 0.2

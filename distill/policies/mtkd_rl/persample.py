@@ -28,6 +28,9 @@ sample's teacher term. For DIST: the derivative of ``DIST_m[i] = T^2 (inter_i + 
 respect to ``z_i``, the other samples fixed: ``inter_i``'s gradient plus ``intra``'s row i once
 (not B times).
 
+Under SyncBatchNorm (``run.sync_bn``) the constants are the local batch's statistics (each
+rank's rewards are its own samples'), which the step normalised with the global batch's.
+
 Cost: no pass through the student. The projectors (small) are run once more on a detached
 copy of the tapped feature and the logit terms recomputed on a detached copy of the logits;
 each teacher's term is then differentiated through its own projector only.

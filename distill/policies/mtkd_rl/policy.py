@@ -79,7 +79,7 @@ class MTKDRLPolicy(WeightingPolicy):
         self.heldout = HeldoutGradient() if self.reward == "heldout" else None
         self.alpha, self.beta, self.temperature, self.logit_loss = 1.0, 5.0, 4.0, "kd"
         self.projectors: Optional[List[nn.Module]] = None  # bound by the Distiller (plain list: not submodules)
-        self.classifier_bias: Optional[bool] = None  # the student's linear classifier has a bias (None: no such classifier)
+        self.classifier_bias: Optional[bool] = None  # the student's classifier has a bias (None: no linear one)
         self.agent: Optional[MTKDAgent] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.dims: Optional[Dict[str, Any]] = None  # {"embed": [d_m], "classes": C}
