@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 
 from distill import losses  # noqa: E402
 from distill.policies.mtkd_rl import alignment_rewards  # noqa: E402
-from distill.policies.mtkd_rl.persample import (batch_stats_as_constants, feature_terms, logit_terms,  # noqa: E402
+from distill.policies.mtkd_rl.persample import (batch_stats_as_constants, feature_term, logit_terms,  # noqa: E402
                                                 per_sample_terms)
 from distill.projectors import build_projector  # noqa: E402
 from distill.signals import StudentOutputs, TeacherOutputs, compute_signals  # noqa: E402
@@ -84,7 +84,8 @@ def own_gradient(projector, feature, target, i, constant_stats):
 def test_feature_gradients_are_per_sample_on_every_projector(case):
     projector, feature, target = make_case(case)
     running = [b.clone() for b in projector.buffers()]
-    leaf, feat = feature_terms(feature, [projector], [target])
+    leaf = feature.clone().requires_grad_()
+    feat = feature_term(leaf, projector, target).unsqueeze(0)
     for before, after in zip(running, projector.buffers()):  # no running-statistics update
         assert torch.equal(before, after)
     # the recomputed FEAT is the step's FEAT (same forward values)

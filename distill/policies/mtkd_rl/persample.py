@@ -80,19 +80,13 @@ def batch_stats_as_constants(module: nn.Module) -> Iterator[nn.Module]:
             del bn.forward
 
 
-def feature_terms(feature: Tensor, projectors: Sequence[nn.Module], targets: Sequence[Tensor]
-                  ) -> Tuple[Tensor, Tensor]:
-    """Return ``(leaf, feat)``: a detached float32 copy of the tapped student ``feature``
-    ``(B, ...)`` that requires grad, and FEAT ``(M, B)`` recomputed on it through each projector
-    with BatchNorm batch statistics as constants (:func:`batch_stats_as_constants`). Row i of
-    ``grad(feat[m].sum(), leaf)`` is exactly ``d FEAT_m[i] / d f_i``."""
-    leaf = feature.detach().float().requires_grad_()
-    rows: List[Tensor] = []
-    with torch.enable_grad():
-        for projector, target in zip(projectors, targets):
-            with batch_stats_as_constants(projector):
-                rows.append(losses.fitnet_loss(projector(leaf), target))
-    return leaf, torch.stack(rows)
+def feature_term(leaf: Tensor, projector: nn.Module, target: Tensor) -> Tensor:
+    """Return FEAT ``(B,)`` of one teacher recomputed on ``leaf`` (a detached float32 copy of
+    the tapped student feature that requires grad) through its projector with BatchNorm batch
+    statistics as constants (:func:`batch_stats_as_constants`). Row i of
+    ``grad(feat.sum(), leaf)`` is exactly ``d FEAT[i] / d f_i``."""
+    with torch.enable_grad(), batch_stats_as_constants(projector):
+        return losses.fitnet_loss(projector(leaf), target)
 
 
 def logit_terms(logits: Tensor, teacher_logits: Tensor, temperature: float, logit_loss: str
@@ -122,15 +116,23 @@ class PerSampleTerms:
     logits: Tensor  # (B, C) detached float32 leaf copy of the student logits
     logit_objective: Tensor  # (M,) per teacher: row i of its gradient w.r.t. `logits` is sample i's own
     feature: Tensor  # (B, ...) detached float32 leaf copy of the tapped student feature
-    feature_objective: Tensor  # (M, B) FEAT recomputed on `feature` (BatchNorm statistics as constants)
+    projectors: Sequence[nn.Module]  # r_m, pool order
+    targets: Sequence[Tensor]  # the teachers' features
+
+    def feature_objectives(self) -> Iterator[Tensor]:
+        """Yield each teacher's FEAT ``(B,)`` on :attr:`feature` (:func:`feature_term`), built
+        one at a time: each projector's graph can be freed before the next one is built."""
+        for projector, target in zip(self.projectors, self.targets):
+            yield feature_term(self.feature, projector, target)
 
 
 def per_sample_terms(student: StudentOutputs, teachers: TeacherOutputs, projectors: Sequence[nn.Module],
                      temperature: float, logit_loss: str) -> PerSampleTerms:
     """Return the step's teacher terms on leaf copies of the student logits and feature (no
-    pass through the student; the projectors run once more), for :func:`.rewards.alignment_rewards`."""
+    pass through the student; the projectors run once more, lazily), for
+    :func:`.rewards.alignment_rewards`."""
     if len(projectors) != teachers.num_teachers:
         raise ValueError(f"policy 'mtkd_rl': {len(projectors)} projectors bound for {teachers.num_teachers} teachers")
     logits, logit_objective = logit_terms(student.logits, teachers.logits, temperature, logit_loss)
-    feature, feature_objective = feature_terms(student.feature, projectors, teachers.features)
-    return PerSampleTerms(logits, logit_objective, feature, feature_objective)
+    feature = student.feature.detach().float().requires_grad_()
+    return PerSampleTerms(logits, logit_objective, feature, list(projectors), list(teachers.features))

@@ -13,7 +13,7 @@ advantages and policies are ``(B, M)``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -83,28 +83,31 @@ def official_loss(rhat: Tensor, log_l: Tensor, log_f: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- align
 
 
-def _gradient_rows(objective: Tensor, wrt: Tensor) -> Optional[Tensor]:
-    """Return ``grad(objective.sum(), wrt)`` as float32 rows ``(B, D)`` (the graph is kept: the
-    step's backward still runs), or None where ``objective`` does not depend on ``wrt``."""
-    (grad,) = torch.autograd.grad(objective.sum(), wrt, retain_graph=True, allow_unused=True)
+def _gradient_rows(objective: Tensor, wrt: Tensor, retain: bool = True) -> Optional[Tensor]:
+    """Return ``grad(objective.sum(), wrt)`` as float32 rows ``(B, D)``, or None where
+    ``objective`` does not depend on ``wrt``. ``retain`` keeps the graph (the step's: its
+    backward still runs; one shared by several objectives)."""
+    (grad,) = torch.autograd.grad(objective.sum(), wrt, retain_graph=retain, allow_unused=True)
     return None if grad is None else grad.detach().float().flatten(1)
 
 
-def _per_teacher_cosine(reference: Optional[Tensor], terms: Tensor, wrt: Tensor) -> Tensor:
+def _per_teacher_cosine(reference: Optional[Tensor], terms: Iterable[Tensor], wrt: Tensor, count: int,
+                        retain: bool = True) -> Tensor:
     """Return ``cos(reference[i], grad_wrt terms[m])[i]`` per sample, shape ``(B, M)``.
 
     ``reference (B, D)``: sample i's CE gradient in row i (None: the CE does not depend on
-    ``wrt``, so no term can help it there: all 0). ``terms``: per teacher, a loss whose gradient
-    with respect to ``wrt (B, ...)`` has sample i's own gradient in row i (``(M, B)`` per-sample
-    terms with no coupling between samples, or ``(M,)`` objectives built for it,
-    :mod:`.persample`). A term that does not depend on ``wrt`` gets 0.
+    ``wrt``, so no term can help it there: all 0). ``terms``: ``count`` losses, one per teacher,
+    whose gradient with respect to ``wrt (B, ...)`` has sample i's own gradient in row i
+    (per-sample terms ``(B,)`` with no coupling between samples, or objectives built for it,
+    :mod:`.persample`); ``retain: False`` when each has a graph of its own, freed once used. A
+    term that does not depend on ``wrt`` gets 0.
     """
     batch = wrt.shape[0]
     if reference is None:
-        return torch.zeros(batch, len(terms), device=wrt.device)
+        return torch.zeros(batch, count, device=wrt.device)
     cols = []
     for term in terms:
-        grad = _gradient_rows(term, wrt)
+        grad = _gradient_rows(term, wrt, retain)
         cols.append(reference.new_zeros(batch) if grad is None
                     else F.cosine_similarity(reference, grad, dim=1, eps=1e-12))
     return torch.stack(cols, dim=1)
@@ -146,8 +149,8 @@ def logit_alignment(signals: Signals, student: StudentOutputs, terms: Optional[P
     with torch.enable_grad():
         reference = _gradient_rows(signals.student_ce, student.logits)
         if terms is None:
-            return _per_teacher_cosine(reference, signals.kd, student.logits)
-        return _per_teacher_cosine(reference, terms.logit_objective, terms.logits)
+            return _per_teacher_cosine(reference, signals.kd, student.logits, len(signals.kd))
+        return _per_teacher_cosine(reference, terms.logit_objective, terms.logits, len(signals.kd))
 
 
 def feature_alignment(signals: Signals, student: StudentOutputs, terms: Optional[PerSampleTerms] = None) -> Tensor:
@@ -156,8 +159,9 @@ def feature_alignment(signals: Signals, student: StudentOutputs, terms: Optional
     with torch.enable_grad():
         reference = _gradient_rows(signals.student_ce, student.feature)
         if terms is None:
-            return _per_teacher_cosine(reference, signals.feat, student.feature)
-        return _per_teacher_cosine(reference, terms.feature_objective, terms.feature)
+            return _per_teacher_cosine(reference, signals.feat, student.feature, len(signals.feat))
+        return _per_teacher_cosine(reference, terms.feature_objectives(), terms.feature, len(signals.feat),
+                                   retain=False)
 
 
 def heldout_rewards(terms: PerSampleTerms, embedding: Optional[Tensor], heldout: HeldoutGradient) -> Tensor:
