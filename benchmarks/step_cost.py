@@ -97,6 +97,7 @@ POLICY_VARIANTS: Dict[str, Tuple[str, dict]] = {
     "mtkd_rl": ("mtkd_rl", {}),
     "mixture": ("mixture", {}),
     "ebkd": ("ebkd", {}),
+    "mtkd_rl-heldout": ("mtkd_rl", {"reward": "heldout"}),
     "mtkd_rl-official": ("mtkd_rl", {"variant": "official"}),
     "mtkd_rl-running-learnable": ("mtkd_rl", {"state_norm": "running", "learnable_gammas": True}),
     "mixture-over-mtkd_rl": ("mixture", {"over": "mtkd_rl"}),

@@ -76,7 +76,8 @@ class StudentWithProjectors(nn.Module):
     def forward(self, x: Tensor) -> StudentOutputs:
         """Return student logits ``(B, C)``, tapped feature and its projection per teacher."""
         out = self.tapped(x)
-        return StudentOutputs(out.logits, out.feature, [p(out.feature) for p in self.projectors])
+        return StudentOutputs(out.logits, out.feature, [p(out.feature) for p in self.projectors],
+                              out.embedding if self.tapped.split_head else None)
 
 
 @dataclass
@@ -140,6 +141,9 @@ class Distiller:
         self.teacher_cache = None  # a distill.cache.store.TeacherCache: teachers' outputs by view key
         projectors = self._size_projectors(student, tap, input_shape) if len(pool) else []
         self.trainable = StudentWithProjectors(student, tap, input_shape, projectors)
+        if policy is not None:
+            tapped = self.trainable.tapped
+            policy.bind_student(list(projectors), student.get_classifier() if tapped.split_head else None)
         # training state (set by `setup_training`)
         self.settings = TrainSettings()
         self.optimizer: Optional[torch.optim.Optimizer] = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ class StudentOutputs:
     logits: Tensor  # (B, C)
     feature: Tensor  # the tapped student feature
     projected: List[Tensor]  # per teacher: r_m(feature), in teacher m's feature space
+    embedding: Optional[Tensor] = None  # (B, d) the input of the student's linear classifier (None: not split)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Sequence, Type, TypeVar
+from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Type, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,13 @@ class WeightingPolicy(nn.Module):
         projected student feature fits). The default ignores them; a policy that scores
         features with the teachers' classifiers (``camkd``) keeps them in a plain list, never
         as submodules, so no teacher weight enters its ``state_dict``."""
+
+    def bind_student(self, projectors: Sequence[nn.Module], classifier: Optional[nn.Linear]) -> None:
+        """Called by the Distiller once its trainable part is built with the projectors ``r_m``
+        (pool order) and the student's linear classifier (None unless the student's logits are
+        exactly ``classifier(embedding)``, :attr:`distill.taps.TappedModel.split_head`). The
+        default ignores them; a policy that differentiates the terms per sample (``mtkd_rl``)
+        keeps them in plain lists, never as submodules (they are the trainable part's)."""
 
     def setup(self, teachers: TeacherOutputs, alpha: float = 1.0, beta: float = 5.0,
               temperature: float = 4.0, logit_loss: str = "kd") -> None:

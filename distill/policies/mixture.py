@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import losses
 from ..signals import Signals, StudentOutputs, TeacherOutputs
@@ -84,6 +84,11 @@ class MixturePolicy(WeightingPolicy):
         """Hand the teachers' heads on to the inner policy."""
         if self.inner is not None:
             self.inner.bind_heads(heads)
+
+    def bind_student(self, projectors: Sequence[nn.Module], classifier: Optional[nn.Linear]) -> None:
+        """Hand the projectors and the student's classifier on to the inner policy."""
+        if self.inner is not None:
+            self.inner.bind_student(projectors, classifier)
 
     def setup(self, teachers: TeacherOutputs, alpha: float = 1.0, beta: float = 5.0,
               temperature: float = 4.0, logit_loss: str = "kd") -> None:

@@ -54,9 +54,19 @@ Reward and objective, ``variant: align``
     a step on teacher m's term lower the student's label loss? First order: the cosine
     between the per-sample gradients of the student's CE and of the term, on the student
     logits for KD (``cos(p_S - y, p_S^T - p_Tm^T)`` for Hinton KD) and on the tapped student
-    feature through the head and projector m for FEAT. Computed in ``weights()`` on the step's
-    graph (M + 1 small autograd passes through the head and projectors, none through the
-    backbone). Advantage ``A = (u - mean_m u) / (std_batch(u) + 1e-6)``; per level the
+    feature through the head and projector m for FEAT. Computed in ``weights()``: the CE's
+    gradients on the step's graph (through the head, none through the backbone), each
+    teacher's on leaf copies of the logits and feature, the projectors re-run with their
+    BatchNorm batch statistics as constants and DIST's batch-level term counted once, so row i
+    is exactly sample i's own gradient on every projector type (:mod:`.persample`; the
+    Distiller binds the projectors with ``bind_student``). ``reward: heldout`` replaces the
+    logit level's reward by the alignment of teacher m's KD gradient with the CE gradient of
+    the previous (held-out) batch in the student classifier's parameter space (learning to
+    reweight, :mod:`.heldout`): the same-sample cosine penalises dark knowledge (mass on the
+    classes similar to the label, which the sample's own CE pushes down); the held-out one
+    credits it where it lowers the CE of those classes' samples (an inner product, not bounded;
+    the objective's bound below holds for any reward). Default ``align``.
+    Advantage ``A = (u - mean_m u) / (std_batch(u) + 1e-6)``; per level the
     all-actions policy gradient with an entropy term::
 
         L = -mean_i [sum_m pi_im A_im + tau H(pi_i)],   tau = 0.2
@@ -126,9 +136,13 @@ from .agent import MTKDAgent, build_state
 from .buffer import EpisodeBuffer
 from .args import VARIANTS
 from .policy import MTKDRLPolicy
-from .rewards import (advantages, align_loss, align_loss_bounds, alignment_rewards, normalise_rewards,
-                      official_rewards, paper_rewards)
+from .heldout import HeldoutGradient, heldout_alignment
+from .persample import PerSampleTerms, batch_stats_as_constants, per_sample_terms
+from .rewards import (advantages, align_loss, align_loss_bounds, alignment_rewards, feature_alignment,
+                      heldout_rewards, logit_alignment, normalise_rewards, official_rewards, paper_rewards)
 
-__all__ = ["MTKDAgent", "MTKDRLPolicy", "EpisodeBuffer", "VARIANTS", "advantages", "align_loss",
-           "align_loss_bounds", "alignment_rewards", "build_state", "divergence_weights", "floored", "fuse",
-           "gated_divergence", "normalise_rewards", "official_rewards", "paper_rewards", "parse_gammas"]
+__all__ = ["MTKDAgent", "MTKDRLPolicy", "EpisodeBuffer", "HeldoutGradient", "PerSampleTerms", "VARIANTS",
+           "advantages", "align_loss", "align_loss_bounds", "alignment_rewards", "batch_stats_as_constants",
+           "build_state", "divergence_weights", "feature_alignment", "floored", "fuse", "gated_divergence",
+           "heldout_alignment", "heldout_rewards", "logit_alignment", "normalise_rewards", "official_rewards",
+           "paper_rewards", "parse_gammas", "per_sample_terms"]

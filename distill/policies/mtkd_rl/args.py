@@ -12,6 +12,7 @@ from .action import DIVERGENCES, parse_gammas
 VARIANTS = ("align", "paper", "official")
 PG_FORMS = ("log", "prob")
 STATE_NORMS = ("none", "running")
+REWARDS = ("align", "heldout")  # variant align's reward at the logit level (.rewards, .heldout)
 BUFFER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # arguments whose default depends on the variant (None in the signature means "the variant's")
 VARIANT_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -20,7 +21,7 @@ VARIANT_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "paper": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3},
     "official": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3},
 }
-ALIGN_ONLY = ("floor", "tau", "kl_limit")
+ALIGN_ONLY = ("floor", "tau", "kl_limit", "reward")
 NOT_ALIGN = ("learnable_gammas",)
 
 
@@ -45,7 +46,7 @@ def check_mtkd_args(args: Dict[str, Any]) -> None:
             raise ValueError(f"policy 'mtkd_rl': {key} must be a number {rng}, got {v!r}")
 
     choice_args = (("variant", VARIANTS), ("state_norm", STATE_NORMS), ("buffer_dtype", tuple(BUFFER_DTYPES)),
-                   ("pg_form", PG_FORMS), ("divergence", DIVERGENCES))
+                   ("pg_form", PG_FORMS), ("divergence", DIVERGENCES), ("reward", REWARDS))
     for key, choices in choice_args:
         if key in args and args[key] not in choices:
             raise ValueError(f"policy 'mtkd_rl': {key} must be one of {', '.join(choices)}, got {args[key]!r}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,7 @@ from .action import divergence_weights, floored, fuse, gated_divergence, parse_g
 from .args import BUFFER_DTYPES, VARIANT_DEFAULTS, check_mtkd_args
 from .agent import MTKDAgent, build_state
 from .buffer import EpisodeBuffer, to_host
+from .heldout import HeldoutGradient
 from . import rewards as R
 
 _BOUND_TOL = 1e-4
@@ -47,13 +48,14 @@ class MTKDRLPolicy(WeightingPolicy):
                  warmup_epochs: int = 1, warmup_weight: Optional[float] = None, buffer: int = 1024,
                  update_every: Optional[int] = None, buffer_dtype: str = "bfloat16",
                  state_norm: Optional[str] = None, seed: int = 0, pg_form: str = "log",
-                 floor: Optional[float] = None, tau: Optional[float] = None, kl_limit: Optional[float] = None):
+                 floor: Optional[float] = None, tau: Optional[float] = None, kl_limit: Optional[float] = None,
+                 reward: Optional[str] = None):
         super().__init__(num_teachers)
         given = dict(variant=variant, hidden=hidden, gammas=gammas, divergence=divergence,
                      learnable_gammas=learnable_gammas, lr=lr, momentum=momentum, weight_decay=weight_decay,
                      max_grad_norm=max_grad_norm, warmup_epochs=warmup_epochs, warmup_weight=warmup_weight,
                      buffer=buffer, update_every=update_every, buffer_dtype=buffer_dtype, state_norm=state_norm,
-                     seed=seed, pg_form=pg_form, floor=floor, tau=tau, kl_limit=kl_limit)
+                     seed=seed, pg_form=pg_form, floor=floor, tau=tau, kl_limit=kl_limit, reward=reward)
         type(self).check_args({k: v for k, v in given.items() if v is not None})
         defaults = VARIANT_DEFAULTS[variant]
         self.variant, self.hidden, self.seed = variant, hidden, seed
@@ -73,7 +75,11 @@ class MTKDRLPolicy(WeightingPolicy):
         self.floor = 0.1 if floor is None else float(floor)
         self.tau = 0.2 if tau is None else float(tau)
         self.kl_limit = 0.05 if kl_limit is None else float(kl_limit)
+        self.reward = reward or "align"
+        self.heldout = HeldoutGradient() if self.reward == "heldout" else None
         self.alpha, self.beta, self.temperature, self.logit_loss = 1.0, 5.0, 4.0, "kd"
+        self.projectors: Optional[List[nn.Module]] = None  # bound by the Distiller (plain list: not submodules)
+        self.classifier_bias: Optional[bool] = None  # the student's classifier has a bias (None: no linear one)
         self.agent: Optional[MTKDAgent] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.dims: Optional[Dict[str, Any]] = None  # {"embed": [d_m], "classes": C}
@@ -91,6 +97,15 @@ class MTKDRLPolicy(WeightingPolicy):
         check_mtkd_args(args)
 
     # -- building ---------------------------------------------------------------
+
+    def bind_student(self, projectors: Sequence[nn.Module], classifier: Optional[nn.Linear]) -> None:
+        """Keep the projectors (align: the reward differentiates each teacher's term per sample
+        through them, :mod:`.persample`) and whether the student's classifier has a bias."""
+        if self.heldout is not None and classifier is None:
+            raise ValueError("policy 'mtkd_rl': reward heldout needs a student whose logits are its linear "
+                             "classifier applied to the pooled pre-logits (no head dropout)")
+        self.projectors = list(projectors)
+        self.classifier_bias = None if classifier is None else classifier.bias is not None
 
     def setup(self, teachers: TeacherOutputs, alpha: float = 1.0, beta: float = 5.0,
               temperature: float = 4.0, logit_loss: str = "kd") -> None:
@@ -141,7 +156,8 @@ class MTKDRLPolicy(WeightingPolicy):
         with torch.autocast(signals.student_ce.device.type, enabled=False):
             out: Dict[str, Tensor] = {}
             if self.variant == "align":  # needs the step's graph: before backward
-                out["reward"] = torch.stack(R.alignment_rewards(signals, student))  # (2, B, M)
+                out["reward"] = R.align_step_rewards(signals, teachers, student, self.projectors, self.temperature,
+                                                     self.logit_loss, self.heldout)  # (2, B, M)
             with torch.no_grad():
                 out["state"] = build_state(signals, teachers)
                 out["conf"] = confidence_weights(signals.teacher_ce)
@@ -202,6 +218,8 @@ class MTKDRLPolicy(WeightingPolicy):
             else:
                 raw = reward = step["reward"]
                 self._add("reward_teacher", raw.double().sum(1), raw.shape[1])  # (2, M) per level and teacher
+                if self.heldout is not None:  # this batch is the next step's held-out batch
+                    self.heldout.update(student.logits, target, student.embedding, self.classifier_bias)
             self._add("reward", raw.double().sum(), raw.numel())
             self._metrics["episodes"][0] += 1
             slot = self.buffer.reserve()
@@ -373,8 +391,11 @@ class MTKDRLPolicy(WeightingPolicy):
             sd = self.optimizer.state_dict()
             optimizer = {"state": {str(k): v for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
         metrics = {k: [v.cpu() if isinstance(v, Tensor) else v, c] for k, (v, c) in self._metrics.items()}
-        return {"version": _EXTRA_VERSION, "dims": self.dims, "epoch": self.epoch, "buffer": self.buffer.state(),
-                "optimizer": optimizer, "metrics": metrics}
+        state = {"version": _EXTRA_VERSION, "dims": self.dims, "epoch": self.epoch, "buffer": self.buffer.state(),
+                 "optimizer": optimizer, "metrics": metrics}
+        if self.heldout is not None:
+            state["heldout"] = self.heldout.state()
+        return state
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`get_extra_state`'s output (builds the agent first if needed)."""
@@ -392,3 +413,5 @@ class MTKDRLPolicy(WeightingPolicy):
                                             "param_groups": opt["param_groups"]})
         self._metrics = {k: [v.to(device) if isinstance(v, Tensor) else v, int(c)]
                          for k, (v, c) in state["metrics"].items()}
+        if self.heldout is not None:
+            self.heldout.load(state.get("heldout"), device)

@@ -6,22 +6,25 @@ advantages and policies are ``(B, M)``.
 - ``paper`` (Equ. 6-8): :func:`paper_rewards`, :func:`normalise_rewards`, :func:`paper_loss`.
 - ``official`` (the authors' code): :func:`official_rewards`, :func:`official_loss`.
 - ``align`` (``shared/MTKD-RL-SPEC.md``, "Amendment: a variant that learns"):
-  :func:`alignment_rewards`, :func:`advantages`, :func:`align_loss`, :func:`align_loss_bounds`.
+  :func:`alignment_rewards`, :func:`advantages`, :func:`align_loss`, :func:`align_loss_bounds`;
+  with ``reward: heldout`` the logit level's reward is :func:`heldout_rewards` (:mod:`.heldout`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...distributed import is_distributed
-from ...signals import Signals, StudentOutputs
+from ...signals import Signals, StudentOutputs, TeacherOutputs
 from ..base import Weights
+from .heldout import HeldoutGradient
+from .persample import PerSampleTerms, per_sample_terms
 
 ADVANTAGE_EPS = 1e-6
 
@@ -80,29 +83,38 @@ def official_loss(rhat: Tensor, log_l: Tensor, log_f: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- align
 
 
-def _per_teacher_grad_cosine(reference: Tensor, terms: Tensor, wrt: Tensor) -> Tensor:
-    """Return ``cos(grad_wrt reference[i], grad_wrt terms[m, i])`` per sample, shape ``(B, M)``.
+def _gradient_rows(objective: Tensor, wrt: Tensor, retain: bool = True) -> Optional[Tensor]:
+    """Return ``grad(objective.sum(), wrt)`` as float32 rows ``(B, D)``, or None where
+    ``objective`` does not depend on ``wrt``. ``retain`` keeps the graph (the step's: its
+    backward still runs; one shared by several objectives)."""
+    (grad,) = torch.autograd.grad(objective.sum(), wrt, retain_graph=retain, allow_unused=True)
+    return None if grad is None else grad.detach().float().flatten(1)
 
-    ``reference (B,)`` and ``terms (M, B)`` are per-sample losses on the step's graph (kept:
-    the student's backward still runs); ``wrt (B, ...)`` is a tensor on that graph whose row i
-    only sample i's losses depend on (student logits, the tapped feature), so the gradient of
-    a batch sum is the per-sample gradient.
+
+def _per_teacher_cosine(reference: Optional[Tensor], terms: Iterable[Tensor], wrt: Tensor, count: int,
+                        retain: bool = True) -> Tensor:
+    """Return ``cos(reference[i], grad_wrt terms[m])[i]`` per sample, shape ``(B, M)``.
+
+    ``reference (B, D)``: sample i's CE gradient in row i (None: the CE does not depend on
+    ``wrt``, so no term can help it there: all 0). ``terms``: ``count`` losses, one per teacher,
+    whose gradient with respect to ``wrt (B, ...)`` has sample i's own gradient in row i
+    (per-sample terms ``(B,)`` with no coupling between samples, or objectives built for it,
+    :mod:`.persample`); ``retain: False`` when each has a graph of its own, freed once used. A
+    term that does not depend on ``wrt`` gets 0.
     """
-    (ref,) = torch.autograd.grad(reference.sum(), wrt, retain_graph=True, allow_unused=True)
-    if ref is None:  # the reference does not depend on `wrt`: no term can help it through `wrt`
-        return terms.new_zeros(terms.shape[1], terms.shape[0]).float()
-    ref = ref.detach().float().flatten(1)
+    batch = wrt.shape[0]
+    if reference is None:
+        return torch.zeros(batch, count, device=wrt.device)
     cols = []
     for term in terms:
-        (grad,) = torch.autograd.grad(term.sum(), wrt, retain_graph=True, allow_unused=True)
-        if grad is None:  # the term does not depend on `wrt` (a constant): no alignment either way
-            cols.append(ref.new_zeros(ref.shape[0]))
-            continue
-        cols.append(F.cosine_similarity(ref, grad.detach().float().flatten(1), dim=1, eps=1e-12))
+        grad = _gradient_rows(term, wrt, retain)
+        cols.append(reference.new_zeros(batch) if grad is None
+                    else F.cosine_similarity(reference, grad, dim=1, eps=1e-12))
     return torch.stack(cols, dim=1)
 
 
-def alignment_rewards(signals: Signals, student: StudentOutputs) -> Tuple[Tensor, Tensor]:
+def alignment_rewards(signals: Signals, student: StudentOutputs, terms: Optional[PerSampleTerms] = None
+                      ) -> Tuple[Tensor, Tensor]:
     """Return the align rewards ``(u_l, u_f)``, each ``(B, M)`` in ``[-1, 1]``.
 
     Does a step on teacher m's term lower the student's label loss? To first order, by the
@@ -114,15 +126,79 @@ def alignment_rewards(signals: Signals, student: StudentOutputs) -> Tuple[Tensor
     Where the student's CE does not depend on the tapped feature (a class-token ViT tapped at
     ``last_map``: its head reads the class token, the feature is the patch tokens) ``u_f = 0``
     for every teacher, so the feature-level advantages are 0 and that policy stays uniform.
+
+    ``terms`` (:func:`.persample.per_sample_terms`, what the policy uses inside a Distiller):
+    the teachers' gradients are sample i's own gradients (BatchNorm statistics of the
+    projectors as constants, DIST's batch term once). Without it they are taken on the step's
+    graph, sample i's own only where the terms couple no samples (KD; projectors without
+    BatchNorm). The CE's gradients come from the step's graph either way (the student's head
+    after the tap is per-sample: pooling and a linear classifier).
     """
-    for name, t in (("logits", student.logits), ("feature", student.feature)):
-        if not t.requires_grad:
-            raise ValueError(f"policy 'mtkd_rl' (variant align): the student's {name} carry no autograd graph; "
-                             "its reward is computed inside the training step, before backward")
+    return logit_alignment(signals, student, terms), feature_alignment(signals, student, terms)
+
+
+def _check_graph(tensor: Tensor, name: str) -> None:
+    if not tensor.requires_grad:
+        raise ValueError(f"policy 'mtkd_rl' (variant align): the student's {name} carry no autograd graph; "
+                         "its reward is computed inside the training step, before backward")
+
+
+def logit_alignment(signals: Signals, student: StudentOutputs, terms: Optional[PerSampleTerms] = None) -> Tensor:
+    """Return ``u_l = cos(grad_z CE, grad_z KD_m)`` per sample, ``(B, M)`` (:func:`alignment_rewards`)."""
+    _check_graph(student.logits, "logits")
     with torch.enable_grad():
-        u_l = _per_teacher_grad_cosine(signals.student_ce, signals.kd, student.logits)
-        u_f = _per_teacher_grad_cosine(signals.student_ce, signals.feat, student.feature)
-    return u_l, u_f
+        reference = _gradient_rows(signals.student_ce, student.logits)
+        if terms is None:
+            return _per_teacher_cosine(reference, signals.kd, student.logits, len(signals.kd))
+        return _per_teacher_cosine(reference, terms.logit_objective, terms.logits, len(signals.kd))
+
+
+def feature_alignment(signals: Signals, student: StudentOutputs, terms: Optional[PerSampleTerms] = None) -> Tensor:
+    """Return ``u_f = cos(grad_f CE, grad_f FEAT_m)`` per sample, ``(B, M)`` (:func:`alignment_rewards`)."""
+    _check_graph(student.feature, "feature")
+    with torch.enable_grad():
+        reference = _gradient_rows(signals.student_ce, student.feature)
+        if terms is None:
+            return _per_teacher_cosine(reference, signals.feat, student.feature, len(signals.feat))
+        return _per_teacher_cosine(reference, terms.feature_objectives(), terms.feature, len(signals.feat),
+                                   retain=False)
+
+
+def heldout_rewards(terms: PerSampleTerms, embedding: Optional[Tensor], heldout: HeldoutGradient) -> Tensor:
+    """Return ``reward: heldout``'s logit-level rewards ``(B, M)`` (:mod:`.heldout`): per sample
+    and teacher, the held-out CE decrease per unit learning rate of a step on that teacher's
+    term, in the student classifier's parameter space; ``embedding (B, d)`` is the classifier's
+    input (None: the student's logits are not a linear classifier of it, which this reward needs)."""
+    if embedding is None:
+        raise ValueError("policy 'mtkd_rl': reward heldout needs a student whose logits are its linear "
+                         "classifier applied to the pooled pre-logits (no head dropout)")
+    with torch.enable_grad():
+        grads = torch.stack([_gradient_rows(t, terms.logits) for t in terms.logit_objective])  # (M, B, C)
+    return heldout.rewards(grads, embedding)
+
+
+def align_step_rewards(signals: Signals, teachers: TeacherOutputs, student: StudentOutputs,
+                       projectors: Optional[Sequence[nn.Module]], temperature: float, logit_loss: str,
+                       heldout: Optional[HeldoutGradient]) -> Tensor:
+    """Return variant align's rewards of one step, ``(2, B, M)`` (levels logit, feat).
+
+    With ``projectors`` (bound by the Distiller) every teacher gradient is exactly per sample
+    (:func:`.persample.per_sample_terms`); without, taken on the step's graph. The logit level
+    is :func:`logit_alignment` (``heldout`` None, ``reward: align``) or :func:`heldout_rewards`
+    (``reward: heldout``, which needs the projectors bound); the feature level is
+    :func:`feature_alignment` either way.
+    """
+    terms = None
+    if projectors is not None:
+        terms = per_sample_terms(student, teachers, projectors, temperature, logit_loss)
+    if heldout is None:
+        u_l = logit_alignment(signals, student, terms)
+    elif terms is None:
+        raise ValueError("policy 'mtkd_rl': reward heldout needs the student's projectors and classifier: "
+                         "call bind_student(...) first (the Distiller does)")
+    else:
+        u_l = heldout_rewards(terms, student.embedding, heldout)
+    return torch.stack([u_l, feature_alignment(signals, student, terms)])
 
 
 def batch_std(rewards: Tensor) -> Tensor:
