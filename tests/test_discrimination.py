@@ -183,3 +183,43 @@ def test_scales_give_every_policy_the_same_effective_loss_scale():
     assert (three.alpha, three.beta) == pytest.approx((1 / 3, 50 / 3))
     three = study.recipe("specialists", "camkd@camkd", 0, check_data=False).distill
     assert (three.alpha, three.beta) == pytest.approx((1.0, 50.0))
+
+
+def test_specialists_are_trained_on_their_half_once_per_pool_and_seed(tmp_path):
+    import yaml
+
+    from distill.recipe_load import teacher_configs
+
+    torch.set_num_threads(1)
+    trained = {"model": "cifar_resnet8", "pretrained": False, "train": {"epochs": 2, "lr": 0.1}}
+    config = {"name": "spec", "output_dir": str(tmp_path / "out"), "seeds": [0],
+              "recipes": [{"name": "specialists",
+                           "data": {"dataset": "digits", "batch_size": 32, "num_workers": 0, "train_subset": 256,
+                                    "val_subset": 128},
+                           "student": "cifar_resnet8", "teachers": [trained, trained],
+                           "distill": {"policy": "aver"}, "optim": {"lr": 0.05},
+                           "schedule": {"name": "cosine", "epochs": 1}, "run": {"device": "cpu", "progress": False},
+                           "corrupt": {0: "specialist", 1: "specialist"}}],
+              "policies": {"aver": {"distill.policy": "aver"}, "camkd": {"distill.policy": "camkd"}}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    study = discrimination.DiscriminationStudy(path)
+    recipe = study.recipe("specialists", "aver", 0)
+    runner = study.make_runner("specialists", recipe)
+    cfgs = teacher_configs(recipe)
+    specialists = [runner.prepare_teacher(i, cfg) for i, cfg in enumerate(cfgs)]
+    assert [t.name.split("+")[-1] for t in specialists] == ["specialist0", "specialist1"]
+    assert runner.run_dir == recipe.run_dir  # restored after training in the shared folder
+    x = torch.stack([runner.bundle.val[i][0] for i in range(len(runner.bundle.val))])
+    for index, teacher in enumerate(specialists):
+        with torch.no_grad():
+            top1 = teacher.model(teacher.adapter(x)).argmax(-1)
+        # never trained on the other half: it predicts its own half
+        assert (top1 % 2 == index).float().mean() >= 0.95, top1
+        assert teacher.source["specialist_classes"] == list(range(index, 10, 2))
+    weights = study.output_dir / "_teachers" / "specialists" / "seed0" / "teachers" / "0-cifar_resnet8" / "last.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    # another policy of the same pool and seed reuses the trained specialists
+    other = study.make_runner("specialists", study.recipe("specialists", "camkd", 0))
+    again = other.prepare_teacher(0, teacher_configs(recipe)[0])
+    assert weights.stat().st_mtime_ns == stamp and again.source["sha256"] == specialists[0].source["sha256"]
