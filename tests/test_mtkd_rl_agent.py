@@ -147,3 +147,15 @@ def test_replayed_states_and_policies_are_exactly_the_acted_ones(good_teachers):
             assert torch.equal(replayed, acted["log_pi"])
             assert torch.allclose(out.weights.logit, acted["log_pi"][0].exp())
         policy.end_epoch(epoch)
+
+
+def test_a_checkpoint_without_the_acting_policy_is_refused_in_one_line():
+    from distill.signals import TeacherOutputs
+
+    teachers = TeacherOutputs(torch.zeros(3, 1, 3), [torch.zeros(1, 4)] * 3, [torch.zeros(1, 4)] * 3)
+    policy = build_policy("mtkd_rl", 3, {})
+    policy.setup(teachers)
+    state = policy.get_extra_state()
+    assert state["version"] == 3
+    with pytest.raises(ValueError, match="unsupported checkpoint state version 2"):
+        policy.set_extra_state(dict(state, version=2))  # episodes of version 2 lack the acting policy

@@ -24,7 +24,7 @@ from .agent import MTKDAgent, build_state, kl_divergence, level_loss, optimiser_
 from .buffer import EpisodeBuffer, to_host
 from . import rewards as R
 
-_EXTRA_VERSION = 2
+_EXTRA_VERSION = 3  # 3: align episodes carry the acting policy's log pi
 
 
 def _mean(total: Any, count: int) -> Any:
