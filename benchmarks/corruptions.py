@@ -124,7 +124,8 @@ class CorruptedModel(nn.Module):
         self.pretrained_cfg = getattr(inner, "pretrained_cfg", {})
         classes = torch.arange(inner.num_classes)
         if kind == "blind":
-            self.corrupt: Optional[CorruptedLogits] = CorruptedLogits(kind, classes % BLIND_PERIOD == index % BLIND_PERIOD)
+            blind = classes % BLIND_PERIOD == index % BLIND_PERIOD
+            self.corrupt: Optional[CorruptedLogits] = CorruptedLogits(kind, blind)
         elif kind in ("shift", "dark"):
             self.corrupt = CorruptedLogits(kind, half_classes(inner.num_classes, index))
         else:

@@ -19,10 +19,11 @@ their clean ones, relative to ``1/M``, recorded during training in ``pair_weight
 
 Loss scale. ``scales: {label: {alpha: a, beta: b}}`` runs every policy at each effective
 scale: ``a`` times the sum of its logit weights and ``b`` times the sum of its feature
-weights per sample (``over_m: true``: ``a / M`` and ``b / M``, M the pool's teachers). A policy whose weights rows sum to 1 runs with ``distill.alpha = a,
-beta = b``; CA-MKD as published divides its weighted sums by M (its weights sum to 1/M), so
-it runs with ``alpha = a M, beta = b M``. The sum is measured on the policy itself
-(:func:`term_scale`). Policy labels become ``<policy>@<scale>``.
+weights per sample (``over_m: true``: ``a / M`` and ``b / M``, M the pool's teachers). A
+policy whose weights rows sum to 1 runs with ``distill.alpha = a, beta = b``; CA-MKD as
+published divides its weighted sums by M (its weights sum to 1/M), so it runs with ``alpha =
+a M, beta = b M``. The sum is measured on the policy itself (:func:`term_scale`). Policy
+labels become ``<policy>@<scale>``.
 
     python benchmarks/discrimination.py benchmarks/configs/discrimination.yaml --set data.root=/data/cifar10 --threads 1
 """
@@ -118,10 +119,11 @@ class PairWeights:
         if self.sums is not None and self.corruptions:
             m_total = self.sums.shape[-1]
             out = {}
+            levels = ("logit", "feat")
             for m in self.corruptions:
                 out[str(m)] = {part: {"pairs": int(self.counts[k, m]),
                                       **{lv: float(self.sums[k, j, m] / self.counts[k, m] * m_total)
-                                         if self.counts[k, m] else float("nan") for j, lv in enumerate(("logit", "feat"))}}
+                                         if self.counts[k, m] else float("nan") for j, lv in enumerate(levels)}}
                                for k, part in enumerate(("corrupted", "clean"))}
             self.epochs[str(epoch)] = out
             self.path.write_text(json.dumps(self.epochs, indent=1))
@@ -241,7 +243,8 @@ class DiscriminationStudy(accuracy.Study):
                 finally:
                     self.train_loader, self.run_dir = saved
                 teacher.name = f"{teacher.name}+{SPECIALIST}{index % 2}"
-                teacher.source = dict(teacher.source, name=teacher.name, specialist_classes=half.nonzero().flatten().tolist())
+                teacher.source = dict(teacher.source, name=teacher.name,
+                                      specialist_classes=half.nonzero().flatten().tolist())
                 return teacher
 
             def evaluate_teacher(self, teacher):

@@ -148,7 +148,8 @@ def test_noise_half_teacher_exposes_noise_on_its_half_only(varied):
     # the head (CA-MKD's path, and the tap's embedding) reads the real map behind this model's own noise only
     other = torch.randn_like(clean.feature)
     assert torch.allclose(tapped.head(other), inner.forward_head(other))
-    assert torch.equal(corruptions.corrupted_pairs(clean.logits[None], {0: "noise_half"})[0], clean.logits.argmax(-1) % 2 == 0)
+    even = clean.logits.argmax(-1) % 2 == 0
+    assert torch.equal(corruptions.corrupted_pairs(clean.logits[None], {0: "noise_half"})[0], even)
 
 
 def test_pair_weights_record_the_corrupted_and_clean_pairs(tmp_path):
@@ -217,7 +218,7 @@ def test_specialists_are_trained_on_their_half_once_per_pool_and_seed(tmp_path):
         # never trained on the other half: it predicts its own half
         assert (top1 % 2 == index).float().mean() >= 0.95, top1
         assert teacher.source["specialist_classes"] == list(range(index, 10, 2))
-    weights = study.output_dir / "_teachers" / "specialists" / "seed0" / "teachers" / "0-cifar_resnet8" / "last.safetensors"
+    weights = study.output_dir / "_teachers/specialists/seed0/teachers/0-cifar_resnet8/last.safetensors"
     stamp = weights.stat().st_mtime_ns
     # another policy of the same pool and seed reuses the trained specialists
     other = study.make_runner("specialists", study.recipe("specialists", "camkd", 0))
