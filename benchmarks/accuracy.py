@@ -58,7 +58,7 @@ FIELDS = ["recipe", "policy", "seed", "best_top1", "best_epoch", "final_top1", "
 # ----------------------------------------------------------------------------- the study
 
 
-def _overrides(mapping: Dict[str, Any]) -> List[str]:
+def overrides(mapping: Dict[str, Any]) -> List[str]:
     """Return ``{dotted.key: value}`` as ``dotted.key=<JSON>`` recipe overrides (JSON is YAML)."""
     return [f"{key}={json.dumps(value)}" for key, value in mapping.items()]
 
@@ -74,7 +74,7 @@ class Study:
             raise DistillError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
         self.name = str(raw.get("name") or path.stem)
         self.seeds = [int(s) for s in raw.get("seeds", [0, 1, 2])]
-        self.policies: Dict[str, List[str]] = {str(k): _overrides(v or {}) for k, v in (raw.get("policies") or {}).items()}
+        self.policies: Dict[str, List[str]] = {str(k): overrides(v or {}) for k, v in (raw.get("policies") or {}).items()}
         if not self.policies:
             raise DistillError(f"{path}: 'policies' must map at least one label to recipe overrides")
         self.reference = str(raw.get("reference", "aver" if "aver" in self.policies else next(iter(self.policies))))
@@ -106,13 +106,18 @@ class Study:
 
     def recipe(self, name: str, policy: str, seed: int, check_data: bool = True) -> Recipe:
         """Return the validated recipe of one run (base + policy overrides + --set + seed + dir)."""
-        overrides = self.policies[policy] + self.extra + [
+        settings = self.policy_overrides(name, policy) + self.extra + [
             f"seed={seed}", f"name={name}-{policy}-seed{seed}",
             f"output_dir={json.dumps(str(self.run_dir(name, policy, seed)))}", "run.progress=false"]
         try:
-            return recipe_from_dict(self.recipes[name], overrides, check_data=check_data)
+            return recipe_from_dict(self.recipes[name], settings, check_data=check_data)
         except RecipeError as exc:
             raise DistillError(f"study recipe {name!r}, policy {policy!r}: {exc}") from None
+
+    def policy_overrides(self, name: str, policy: str) -> List[str]:
+        """Return the recipe overrides of ``policy`` in recipe ``name`` (a study with per-recipe
+        policy settings, such as benchmarks/discrimination.py's loss scales, overrides this)."""
+        return self.policies[policy]
 
     def make_runner(self, name: str, recipe: Recipe):
         """Return the runner of one run of recipe ``name`` (a resuming RecipeRunner; a study

@@ -203,6 +203,13 @@ def adversarial_entry(step: int, b: int = 16, m: int = 3):
             "div_feat": torch.full((b, m), 1 / m), "reward": reward}
 
 
+def record(policy, entry):
+    """Record ``entry`` as observe() does for align: with what the acting policy output on its state."""
+    with torch.no_grad():
+        entry["log_pi"] = torch.stack(policy.agent(entry["state"]))
+    policy.buffer.record(entry)
+
+
 def run_adversarial(variant: str, epochs: int = 40):
     """Return the per-epoch metrics of agent updates on always-the-same-ranking rewards, and the
     DistillError that stopped them (or None)."""
@@ -218,7 +225,7 @@ def run_adversarial(variant: str, epochs: int = 40):
                 entry = adversarial_entry(epoch * 4 + s)
                 if variant == "align":  # both levels
                     entry["reward"] = torch.stack([entry["reward"], entry["reward"]])
-                policy.buffer.record(entry)
+                record(policy, entry)
             history.append(policy.end_epoch(epoch))
     except DistillError as exc:
         return history, exc
@@ -253,7 +260,7 @@ def test_trust_region_stops_the_updates_of_a_period():
         for s in range(8):
             entry = adversarial_entry(s)
             entry["reward"] = torch.stack([entry["reward"], entry["reward"]])
-            policy.buffer.record(entry)
+            record(policy, entry)
         counts[limit] = policy.end_epoch(0)
     assert counts[10.0]["agent_updates"] == 8 and counts[10.0]["trust_stops"] == 0
     tight = counts[1e-4]
@@ -268,7 +275,7 @@ def test_bound_violation_is_one_clear_error(monkeypatch):
     policy.setup(teachers)
     entry = adversarial_entry(0)
     entry["reward"] = torch.stack([entry["reward"], entry["reward"]])
-    policy.buffer.record(entry)
+    record(policy, entry)
     monkeypatch.setattr(policy_module.R, "align_loss", lambda lp, adv, tau: lp.sum() * 0 + 1e3)
     with pytest.raises(DistillError, match="left its bound"):
         policy.end_epoch(0)

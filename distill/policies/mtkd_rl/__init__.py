@@ -49,6 +49,27 @@ Action (Equ. 9-14), deterministic
     sum to 1. ``learnable_gammas: true`` (paper / official) makes each triple a softmax of a
     learnable 3-vector trained by the agent loss.
 
+Fusion, ``variant: align`` (``fusion``)
+    ``mix`` (default): ``w = 2/3 g + 1/3 c`` as above. ``refine``: the agent refines the
+    confidence prior instead of being averaged with it: per level, ``w = pi = softmax(log c +
+    mu_theta(s))`` (``c`` floored at 1e-12 inside the log) with the heads ``mu`` initialised to
+    0, so at initialisation the weights are exactly ``c`` and the agent moves them only where
+    its advantages say so; each level has its own head, so a teacher cut at the logit level by
+    ``c`` can be restored at the feature level and one with intact logits but useless features
+    cut there (the prior is the Equ. 9 confidence at both levels). ``floor`` defaults to 0 for
+    ``refine`` (so the initial weights are ``c``); ``gammas`` / ``divergence`` do not apply.
+    The objective replaces the entropy bonus (which pulls toward uniform) by a KL to the prior::
+
+        L = -mean_i [sum_m pi_im A_im - tau KL(pi_i || c_i)]
+
+    per state minimised by ``pi ~ c exp(A / tau)`` (the prior itself where ``A = 0``, e.g.
+    identical teachers), bounded by ``-max|A| <= L <= max|A| + tau max log(1 / c)``. What the
+    agent sees that ``c`` cannot: ``c`` reads only each teacher's CE on the label; the state
+    also holds the teacher's full logits and embedding, the student-teacher KL and the
+    projected-feature cosine, and the reward measures whether each level's term helps the
+    student's label loss, so it can lower a teacher whose CE is fine but whose soft labels or
+    features do not help, per level.
+
 Reward and objective, ``variant: align``
     Per sample i and teacher m, bounded in [-1, 1] (:func:`.rewards.alignment_rewards`): does
     a step on teacher m's term lower the student's label loss? First order: the cosine
@@ -76,8 +97,11 @@ Reward and objective, ``variant: align``
     loss logged is the sum of both levels.
     Update: SGD lr 0.01, momentum 0.9, gradient-norm clip 1. Trust region: before each
     replayed batch, ``KL(pi_old || pi_new)`` on it (mean over samples, max over levels;
-    ``pi_old`` is the acting policy of the period) is computed; once it exceeds ``kl_limit``
-    (0.05) the period's remaining updates are skipped.
+    ``pi_old`` is what the acting policy output when it acted, stored with the episode) is
+    computed; once it exceeds ``kl_limit`` (0.05) the period's remaining updates are skipped.
+    The replay standardises the states with the statistics the policy acted with: a period's
+    statistics are committed after its updates (before the very first update, whose heads are
+    still 0, they are committed first), so an unchanged agent has KL 0 exactly.
 
 Reward and objective, ``variant: paper`` (Equ. 6-8)
     ``R[i, m] = -CE_S[i] - alpha KD[i, m] - beta FEAT[i, m]``; per sample min-max over
@@ -108,7 +132,9 @@ Schedule (Algorithms 1-2)
 Episode buffer (:class:`.buffer.EpisodeBuffer`)
     At most ``buffer`` batches (default 1024) per period, reservoir-sampled from a private
     generator seeded with ``seed``, replayed in recording order; on the host, the state in
-    ``buffer_dtype`` (bfloat16 default), the rest float32.
+    ``buffer_dtype`` (align: float32, so the agent trains on exactly the states it acted on;
+    paper / official: bfloat16), the rest float32; align also keeps the acting policy's
+    ``log pi`` of both levels ``(2, B, M)``.
 
 Checkpoint (exact resume)
     ``state_dict()`` holds the agent's parameters, learnable gammas and running statistics;

@@ -13,15 +13,21 @@ VARIANTS = ("align", "paper", "official")
 PG_FORMS = ("log", "prob")
 STATE_NORMS = ("none", "running")
 REWARDS = ("align", "heldout")  # variant align's reward at the logit level (.rewards, .heldout)
+# align's two ways to combine the agent with the confidence prior c: 2/3 g + 1/3 c (Equ. 13-14 without
+# the divergence term) or softmax(log c + mu_theta(s)) (the agent refines c; exactly c at initialisation)
+FUSIONS = ("mix", "refine")
+NOT_REFINE = ("gammas", "divergence", "learnable_gammas")
 BUFFER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # arguments whose default depends on the variant (None in the signature means "the variant's")
 VARIANT_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "align": {"lr": 0.01, "momentum": 0.9, "max_grad_norm": 1.0, "state_norm": "running",
-              "gammas": [2 / 3, 1 / 3, 0.0]},
-    "paper": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3},
-    "official": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3},
+              "gammas": [2 / 3, 1 / 3, 0.0], "buffer_dtype": "float32"},
+    "paper": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3,
+              "buffer_dtype": "bfloat16"},
+    "official": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3,
+                 "buffer_dtype": "bfloat16"},
 }
-ALIGN_ONLY = ("floor", "tau", "kl_limit", "reward")
+ALIGN_ONLY = ("floor", "tau", "kl_limit", "reward", "fusion")
 NOT_ALIGN = ("learnable_gammas",)
 
 
@@ -46,7 +52,8 @@ def check_mtkd_args(args: Dict[str, Any]) -> None:
             raise ValueError(f"policy 'mtkd_rl': {key} must be a number {rng}, got {v!r}")
 
     choice_args = (("variant", VARIANTS), ("state_norm", STATE_NORMS), ("buffer_dtype", tuple(BUFFER_DTYPES)),
-                   ("pg_form", PG_FORMS), ("divergence", DIVERGENCES), ("reward", REWARDS))
+                   ("pg_form", PG_FORMS), ("divergence", DIVERGENCES), ("reward", REWARDS),
+                   ("fusion", FUSIONS))
     for key, choices in choice_args:
         if key in args and args[key] not in choices:
             raise ValueError(f"policy 'mtkd_rl': {key} must be one of {', '.join(choices)}, got {args[key]!r}")
@@ -68,6 +75,11 @@ def check_mtkd_args(args: Dict[str, Any]) -> None:
             wrong.append("pg_form")
     if wrong:
         raise ValueError(f"policy 'mtkd_rl': {', '.join(wrong)} does not apply to variant {variant}")
+    if args.get("fusion") == "refine":
+        wrong = [k for k in NOT_REFINE if k in args and args[k] is not False]
+        if wrong:
+            raise ValueError(f"policy 'mtkd_rl': {', '.join(wrong)} does not apply to fusion refine "
+                             "(its weights are softmax(log c + mu), no gammas)")
     if not isinstance(args.get("learnable_gammas", False), bool):
         raise ValueError("policy 'mtkd_rl': learnable_gammas must be true or false, "
                          f"got {args['learnable_gammas']!r}")

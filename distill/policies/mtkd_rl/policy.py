@@ -20,13 +20,12 @@ from ..base import Weights, WeightingPolicy, register_policy
 from ..camkd import confidence_weights
 from .action import divergence_weights, floored, fuse, gated_divergence, parse_gammas
 from .args import BUFFER_DTYPES, VARIANT_DEFAULTS, check_mtkd_args
-from .agent import MTKDAgent, build_state
+from .agent import MTKDAgent, build_state, kl_divergence, level_loss, optimiser_step
 from .buffer import EpisodeBuffer, to_host
 from .heldout import HeldoutGradient
 from . import rewards as R
 
-_BOUND_TOL = 1e-4
-_EXTRA_VERSION = 2
+_EXTRA_VERSION = 3  # 3: align episodes carry the acting policy's log pi
 
 
 def _mean(total: Any, count: int) -> Any:
@@ -46,16 +45,17 @@ class MTKDRLPolicy(WeightingPolicy):
                  divergence: Optional[str] = None, learnable_gammas: bool = False, lr: Optional[float] = None,
                  momentum: Optional[float] = None, weight_decay: float = 0.0, max_grad_norm: Optional[float] = None,
                  warmup_epochs: int = 1, warmup_weight: Optional[float] = None, buffer: int = 1024,
-                 update_every: Optional[int] = None, buffer_dtype: str = "bfloat16",
+                 update_every: Optional[int] = None, buffer_dtype: Optional[str] = None,
                  state_norm: Optional[str] = None, seed: int = 0, pg_form: str = "log",
                  floor: Optional[float] = None, tau: Optional[float] = None, kl_limit: Optional[float] = None,
-                 reward: Optional[str] = None):
+                 reward: Optional[str] = None, fusion: Optional[str] = None):
         super().__init__(num_teachers)
         given = dict(variant=variant, hidden=hidden, gammas=gammas, divergence=divergence,
                      learnable_gammas=learnable_gammas, lr=lr, momentum=momentum, weight_decay=weight_decay,
                      max_grad_norm=max_grad_norm, warmup_epochs=warmup_epochs, warmup_weight=warmup_weight,
                      buffer=buffer, update_every=update_every, buffer_dtype=buffer_dtype, state_norm=state_norm,
-                     seed=seed, pg_form=pg_form, floor=floor, tau=tau, kl_limit=kl_limit, reward=reward)
+                     seed=seed, pg_form=pg_form, floor=floor, tau=tau, kl_limit=kl_limit, reward=reward,
+                     fusion=fusion)
         type(self).check_args({k: v for k, v in given.items() if v is not None})
         defaults = VARIANT_DEFAULTS[variant]
         self.variant, self.hidden, self.seed = variant, hidden, seed
@@ -70,9 +70,11 @@ class MTKDRLPolicy(WeightingPolicy):
         self.warmup_epochs = warmup_epochs
         self.warmup_weight = float(warmup_weight if warmup_weight is not None
                                    else 1.0 if variant == "official" else 1.0 / num_teachers)
-        self.update_every, self.buffer_dtype = update_every, BUFFER_DTYPES[buffer_dtype]
+        self.update_every = update_every
+        self.buffer_dtype = BUFFER_DTYPES[buffer_dtype or defaults["buffer_dtype"]]
         self.pg_form = pg_form
-        self.floor = 0.1 if floor is None else float(floor)
+        self.fusion = fusion or "mix"
+        self.floor = (0.0 if self.fusion == "refine" else 0.1) if floor is None else float(floor)
         self.tau = 0.2 if tau is None else float(tau)
         self.kl_limit = 0.05 if kl_limit is None else float(kl_limit)
         self.reward = reward or "align"
@@ -174,6 +176,15 @@ class MTKDRLPolicy(WeightingPolicy):
         div = step.get(f"div_{level}")
         return fuse(gammas, generator, step["conf"], div if div is not None else torch.zeros_like(generator))
 
+    def _policy(self, step: Dict[str, Tensor], device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
+        """Return the agent's ``log pi_l, log pi_f`` ``(B, M)`` on a step's (or, moved to ``device``
+        in float32, a replayed episode's) state; ``fusion: refine`` puts the confidence prior in."""
+        state = step["state"] if device is None else step["state"].to(device, torch.float32)
+        if self.fusion != "refine":
+            return self.agent(state)
+        conf = step["conf"].to(state.device, torch.float32)
+        return self.agent(state, (conf, conf))
+
     def _generator(self, log_pi: Tensor) -> Tensor:
         """Return the executed generator weight from the head's log-policy ``(B, M)``."""
         return floored(log_pi.exp(), self.floor) if self.variant == "align" else log_pi.exp()
@@ -187,12 +198,16 @@ class MTKDRLPolicy(WeightingPolicy):
         if self.warming_up():
             w = torch.full((batch, self.num_teachers), self.warmup_weight, device=device)
             return Weights(w, w)
-        agent = self._ensure_agent(teachers)
+        self._ensure_agent(teachers)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            log_pl, log_pf = agent(step["state"])
+            log_pl, log_pf = self._policy(step)
+            step["log_pi"] = torch.stack([log_pl, log_pf])  # the acting policy: the trust region's pi_old
             g_l, g_f = self._generator(log_pl), self._generator(log_pf)
-            gam = agent.gammas()
-            w_l, w_f = self._fused(gam[0], g_l, step, "logit"), self._fused(gam[1], g_f, step, "feat")
+            if self.fusion == "refine":  # softmax(log c + mu): the prior is inside the policy
+                w_l, w_f = g_l, g_f
+            else:
+                gam = self.agent.gammas()
+                w_l, w_f = self._fused(gam[0], g_l, step, "logit"), self._fused(gam[1], g_f, step, "feat")
             self._add("gen", torch.stack([g_l.sum(0), g_f.sum(0)]).double(), batch)
         return Weights(w_l, w_f)
 
@@ -227,6 +242,8 @@ class MTKDRLPolicy(WeightingPolicy):
                 entry = {"step": self.buffer.step - 1, "state": to_host(step["state"], self.buffer_dtype),
                          "reward": to_host(reward)}
                 entry.update({k: to_host(step[k]) for k in ("conf", "div_logit", "div_feat") if k in step})
+                if self.variant == "align":  # what the policy output at act time (warm-up: the agent then)
+                    entry["log_pi"] = to_host(step["log_pi"] if "log_pi" in step else torch.stack(self._policy(step)))
                 self.buffer.store(slot, entry)
         if self.update_every is not None and self.buffer.seen >= self.update_every:
             self._update()
@@ -257,22 +274,13 @@ class MTKDRLPolicy(WeightingPolicy):
             return R.paper_loss(reward, *self._log_weights(entry, device), self.pg_form), None
         if self.variant == "official":
             return R.official_loss(reward, *self._log_weights(entry, device)), None
-        log_pi = self.agent(entry["state"].to(device, torch.float32))
-        loss = torch.zeros((), device=device)
-        for level, (lp, u) in enumerate(zip(log_pi, reward)):
-            adv = R.advantages(u)
-            part = R.align_loss(lp, adv, self.tau)
-            low, high = R.align_loss_bounds(adv, self.tau)
-            value = float(part.detach())
-            if not (math.isfinite(value) and low - _BOUND_TOL * (1 + abs(low)) <= value <= high + _BOUND_TOL * (1 + high)):
-                raise DistillError(f"policy 'mtkd_rl' (variant align): agent loss {value:.6g} of the "
-                                   f"{('logit', 'feat')[level]} level left its bound [{low:.4g}, {high:.4g}] in the "
-                                   f"update of epoch {self.epoch + 1}: a bug or non-finite input, stopping")
-            loss = loss + part
+        log_pi = self._policy(entry, device)
+        prior = entry["conf"].to(device, torch.float32) if self.fusion == "refine" else None
+        loss = sum(level_loss(lp, u, self.tau, prior, level, self.epoch)
+                   for level, (lp, u) in enumerate(zip(log_pi, reward)))
         kl = None
         if pi_old is not None:
-            kl = torch.stack([(old.exp() * (old - new.detach())).sum(1).mean()
-                              for old, new in zip(pi_old, log_pi)]).max()
+            kl = torch.stack([kl_divergence(old, new.detach()) for old, new in zip(pi_old, log_pi)]).max()
         return loss, kl
 
     def _update(self) -> None:
@@ -281,11 +289,16 @@ class MTKDRLPolicy(WeightingPolicy):
         agent = self.agent
         if agent is None:
             return
-        if agent.running_norm:
+        # the replay sees the states as the acting policy did: the period's statistics are committed
+        # after its updates, except before the first update (heads still at 0 for align: same policy)
+        late_commit = agent.running_norm and float(agent.stat_count) > 0
+        if agent.running_norm and not late_commit:
             agent.commit()
         entries = self.buffer.replay()
         self.buffer.clear()
         if not entries:
+            if late_commit:
+                agent.commit()
             return
         device = next(agent.parameters()).device
         if device.type == "cuda":
@@ -293,9 +306,8 @@ class MTKDRLPolicy(WeightingPolicy):
         params = [p for p in agent.parameters() if p.requires_grad]
         align = self.variant == "align"
         pi_old: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(entries)
-        if align:  # the acting policy (normaliser just committed), before any of this period's steps
-            with torch.no_grad():
-                pi_old = [tuple(t.detach() for t in agent(e["state"].to(device, torch.float32))) for e in entries]
+        if align:  # the acting policy: what it output when it acted, stored with the episode
+            pi_old = [tuple(e["log_pi"].to(device, torch.float32)) for e in entries]
             for old in pi_old:
                 self._add("entropy", torch.stack([R.entropy(lp).mean() for lp in old]).double(), 1)
         period_loss: Any = torch.zeros((), dtype=torch.float64, device=device)
@@ -310,19 +322,11 @@ class MTKDRLPolicy(WeightingPolicy):
                     if float(kl) > self.kl_limit:
                         self._metrics["trust_stops"][0] += 1
                         break
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if is_distributed():
-                    world = dist.get_world_size()
-                    for p in params:
-                        if p.grad is not None:
-                            dist.all_reduce(p.grad)
-                            p.grad.div_(world)
-                if self.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                self.optimizer.step()
+                optimiser_step(self.optimizer, params, loss, self.max_grad_norm)
                 period_loss = period_loss + loss.detach().double()
                 self._metrics["updates"][0] += 1
+        if late_commit:
+            agent.commit()
         self._metrics["loss"][0] = self._metrics["loss"][0] + period_loss
         if not (torch.isfinite(period_loss) and all(torch.isfinite(p).all() for p in params)):
             raise DistillError(
