@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.distiller import Distiller, TrainSettings  # noqa: E402
 from distill.policies import build_policy  # noqa: E402
-from distill.registry import DataSpec  # noqa: E402
+from distill.resolve import DataSpec  # noqa: E402
 from distill.taps import FeatureTap  # noqa: E402
 from distill.teachers import InputAdapter, Teacher, TeacherPool  # noqa: E402
 

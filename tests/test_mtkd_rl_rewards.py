@@ -201,7 +201,7 @@ class TinyCNN(nn.Module):
 def test_the_distiller_binds_the_projectors_and_the_step_reward_is_exact():
     from distill.distiller import Distiller
     from distill.policies import build_policy
-    from distill.registry import DataSpec
+    from distill.resolve import DataSpec
     from distill.taps import FeatureTap
     from distill.teachers import InputAdapter, Teacher, TeacherPool
 
