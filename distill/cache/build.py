@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import distributed
-from ..data import SeededDataset, ignore_interrupts
+from ..data import SeededDataset, dataset_targets, ignore_interrupts
 from ..engine import autocast
 from ..errors import DistillError
 from ..fileio import read_json, write_text
@@ -70,9 +70,12 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
                  progress: bool = True) -> Dict[str, Any]:
     """Build the missing or corrupt shards of ``folder`` and return its index (see the module docstring).
 
-    ``spec`` (:func:`distill.cache.store.cache_spec`) gives the seed, views and top-k.
+    ``spec`` (:func:`distill.cache.store.cache_spec`) gives the view seed, views, top-k and
+    the temperature of the stored tails.
     """
     key, views, top_k, seed = spec["key"], spec["views"], spec["top_k"], spec["seed"]
+    temperature = spec["tail_temperature"]
+    targets = torch.tensor(dataset_targets(dataset), dtype=torch.long)
     spec = {k: v for k, v in spec.items() if k != "key"}
     folder.mkdir(parents=True, exist_ok=True)
     started_spec = folder / "spec.json"
@@ -104,12 +107,12 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
         rows = index - ranges[shard][0]
         with autocast(device, dtype):
             out = pool(x.to(device, non_blocking=True))
-        values, ids, rest = topk_soft_labels(out.logits.transpose(0, 1), min(top_k, out.logits.shape[-1]))
+        labels = targets[index].to(device).unsqueeze(-1)  # (B, 1): broadcast over the teachers
+        soft = topk_soft_labels(out.logits.transpose(0, 1), min(top_k, out.logits.shape[-1]), temperature, labels)
         buffer.put("views", rows, view, records)
-        buffer.put("values", rows, view, values.cpu())
-        buffer.put("ids", rows, view, ids.cpu())
-        if rest is not None:
-            buffer.put("rest", rows, view, rest.cpu())
+        for name in ("values", "ids", "tail", "labels", "label_logit"):
+            if getattr(soft, name) is not None:
+                buffer.put(name, rows, view, getattr(soft, name).cpu())
         for m, (feature, embedding) in enumerate(zip(out.features, out.embeddings)):
             buffer.put(f"feature.{m}", rows, view, feature.half().cpu())
             if embedding is not feature:

@@ -39,7 +39,7 @@ def recipe_cache_spec(recipe: Any, bundle: DataBundle, pool: TeacherPool,
     """Return the cache spec of a recipe (``data.fixed_views`` views, ``run.teacher_top_k``), with its ``key``."""
     top_k = min(recipe.run.teacher_top_k or bundle.num_classes, bundle.num_classes)
     spec = cache_spec(bundle.train, augment_spec(recipe, bundle), recipe.seed, recipe.data.fixed_views or 1,
-                      top_k, bundle.num_classes, pool, dtype)
+                      top_k, bundle.num_classes, pool, dtype, recipe.distill.temperature)
     return {"key": cache_key(spec), **spec}
 
 

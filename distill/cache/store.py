@@ -3,8 +3,9 @@
 - ``shard-NNNNN.safetensors``: images ``[start, stop)`` of the training set, every view:
   ``views`` int64 ``(n, K, 7)`` (the view records, :mod:`distill.cache.views`), ``values``
   fp16 ``(n, K, M, k)`` and ``ids`` int16/int32 ``(n, K, M, k)`` (each teacher's top-k
-  logits and their classes), ``rest`` fp32 ``(n, K, M)`` (log-sum-exp of the other
-  logits; absent when k = C, :mod:`distill.cache.topk`), ``feature.<m>`` fp16
+  logits and their classes); when k < C also ``tail`` fp32 ``(n, K, M)`` (the other
+  logits' log-sum-exp at the spec's ``tail_temperature``), ``labels`` int16/int32
+  ``(n, K, M)`` and ``label_logit`` fp32 ``(n, K, M)`` (:mod:`distill.cache.topk`); ``feature.<m>`` fp16
   ``(n, K, ...)`` (teacher m's tapped feature: pooled pre-logits ``(d,)`` for the
   ``pre_logits`` tap) and ``embedding.<m>`` fp16 ``(n, K, d)`` where the tap is a map.
   Written to a temporary file and renamed, so a shard on disk is always whole; memory-mappable
@@ -15,8 +16,9 @@
 
 The key is the SHA-256 (first 32 hex digits) of the spec: the training set's file list
 (relative paths and sizes, no pixels) and labels, the augmentation settings and seed, the
-number of views, every teacher's weights hash and input adapter, the tap, top-k and the
-autocast dtype. Reading verifies every shard's checksum; a cache whose spec differs from
+number of views, every teacher's weights hash and input adapter, the tap, top-k, the
+temperature of the stored tails (None when k = C: the full logits do not depend on it) and
+the autocast dtype. Reading verifies every shard's checksum; a cache whose spec differs from
 the recipe's, or with a missing or corrupt shard, is refused (:class:`DistillError`).
 """
 
@@ -41,9 +43,9 @@ from ..paths import distill_home
 from ..signals import TeacherOutputs
 from ..teachers import TeacherPool
 from .items import leaf_item
-from .topk import reconstruct_logits
+from .topk import SoftLabels, reconstruct_logits
 
-FORMAT = 1
+FORMAT = 2  # 2: tails exact at the KD temperature, label logits (1: tail log-sum-exp at T = 1)
 KEY_LENGTH = 32
 
 
@@ -115,10 +117,15 @@ def teacher_spec(pool: TeacherPool) -> List[Dict[str, Any]]:
 
 
 def cache_spec(dataset: Dataset, augment: Dict[str, Any], seed: int, views: int, top_k: int,
-               num_classes: int, pool: TeacherPool, dtype: Optional[torch.dtype]) -> Dict[str, Any]:
-    """Return the JSON-able record a cache's key hashes (see the module docstring)."""
+               num_classes: int, pool: TeacherPool, dtype: Optional[torch.dtype],
+               temperature: float = 1.0) -> Dict[str, Any]:
+    """Return the JSON-able record a cache's key hashes (see the module docstring).
+
+    ``temperature`` is the KD temperature the top-k tails are stored for (ignored when ``top_k >= num_classes``).
+    """
+    tail = float(temperature) if top_k < num_classes else None
     return {"format": FORMAT, "dataset": dataset_fingerprint(dataset), "augment": augment, "seed": int(seed),
-            "views": int(views), "top_k": int(top_k), "num_classes": int(num_classes),
+            "views": int(views), "top_k": int(top_k), "num_classes": int(num_classes), "tail_temperature": tail,
             "teachers": teacher_spec(pool), "autocast": str(dtype)}
 
 
@@ -161,7 +168,9 @@ class TeacherCache:
         self.num_classes = int(index["spec"]["num_classes"])
         self.records = tensors["views"]  # (N, K, PARAMS)
         flat = {name: t.flatten(0, 1) for name, t in tensors.items() if name != "views"}
-        self.values, self.ids, self.rest = flat["values"], flat["ids"], flat.get("rest")  # (N*K, M, k), (N*K, M)
+        self.values, self.ids = flat["values"], flat["ids"]  # (N*K, M, k)
+        self.tails = {name: flat[name] for name in ("tail", "labels", "label_logit") if name in flat}  # (N*K, M)
+        self.temperature = index["spec"]["tail_temperature"]
         count = len(index["teachers"])
         self.features = [flat[f"feature.{m}"] for m in range(count)]
         self.embeddings = [flat.get(f"embedding.{m}") for m in range(count)]  # None: the feature itself
@@ -178,16 +187,16 @@ class TeacherCache:
     def nbytes(self) -> int:
         """Return the memory the cached tensors take, in bytes."""
         tensors = [self.records, self.values, self.ids, *self.features,
-                   *(t for t in [self.rest, *self.embeddings] if t is not None)]
+                   *self.tails.values(), *(t for t in self.embeddings if t is not None)]
         return sum(t.nbytes for t in tensors)
 
     def lookup(self, keys: Tensor) -> TeacherOutputs:
         """Return the :class:`TeacherOutputs` of rows ``keys (B,)`` on the keys' device (float32)."""
         device = keys.device
         rows = keys.cpu()
-        rest = self.rest.index_select(0, rows) if self.rest is not None else None
-        logits = reconstruct_logits(self.values.index_select(0, rows), self.ids.index_select(0, rows), rest,
-                                    self.num_classes)  # (B, M, C)
+        soft = SoftLabels(self.values.index_select(0, rows), self.ids.index_select(0, rows),
+                          **{name: t.index_select(0, rows) for name, t in self.tails.items()})
+        logits = reconstruct_logits(soft, self.num_classes, self.temperature)  # (B, M, C)
         logits = logits.transpose(0, 1).contiguous().to(device, non_blocking=True)
         features = [f.index_select(0, rows).float().to(device, non_blocking=True) for f in self.features]
         embeddings = [feature if e is None else e.index_select(0, rows).float().to(device, non_blocking=True)
