@@ -52,6 +52,31 @@ def shard_done(folder: Path, shard: int) -> bool:
         return False
 
 
+def write_shard(folder: Path, shard: int, image_range: Tuple[int, int], tensors: Dict[str, torch.Tensor]) -> None:
+    """Save shard ``shard`` (images ``image_range``, tensors ``(n, K, ...)``) and record it (its SHA-256)."""
+    path = folder / shard_name(shard)
+    save_shard(path, tensors)
+    start, stop = image_range
+    write_text(_record_path(folder, shard), json.dumps(
+        {"file": path.name, "start": start, "count": stop - start, "bytes": path.stat().st_size,
+         "sha256": file_sha256(path)}, sort_keys=True))
+
+
+def write_index(folder: Path, key: str, spec: Dict[str, Any], num_images: int, shard_images: int) -> Dict[str, Any]:
+    """Write and return ``index.json`` of a cache whose every shard is recorded (the build's last step)."""
+    shards = []
+    for s in range(len(shard_ranges(num_images, shard_images))):
+        record = _record_path(folder, s)
+        if not record.is_file():
+            raise DistillError(f"teacher cache {folder}: shard {shard_name(s)} was not built")
+        shards.append(read_json(record, "teacher-cache shard record"))
+    index = {"key": key, "spec": spec, "num_images": num_images, "views": spec["views"], "top_k": spec["top_k"],
+             "params": PARAMS, "shard_images": shard_images, "teachers": [t["name"] for t in spec["teachers"]],
+             "shards": shards}
+    write_text(folder / "index.json", json.dumps(index, indent=1, sort_keys=True))
+    return index
+
+
 class _ShardBuffer:
     """One shard's outputs ``(n, K, ...)``, filled batch by batch."""
 
@@ -119,12 +144,7 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
                 buffer.put(f"embedding.{m}", rows, view, embedding.half().cpu())
         bar.update(len(keys))
         if view == views - 1 and int(rows[-1]) == buffer.count - 1:  # the shard's last batch
-            path = folder / shard_name(shard)
-            save_shard(path, buffer.tensors)
-            start, stop = ranges[shard]
-            write_text(_record_path(folder, shard), json.dumps(
-                {"file": path.name, "start": start, "count": stop - start, "bytes": path.stat().st_size,
-                 "sha256": file_sha256(path)}, sort_keys=True))
+            write_shard(folder, shard, ranges[shard], buffer.tensors)
             buffer = None
             if _TEST_SHARD_DELAY:  # tests only: slow the build down so a kill lands between shards
                 time.sleep(_TEST_SHARD_DELAY)
@@ -135,16 +155,7 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
               f"({total / max(elapsed, 1e-9):.0f} images/s)", flush=True)
     distributed.barrier()
     if distributed.is_main():
-        shards = []
-        for s in range(len(ranges)):
-            record = _record_path(folder, s)
-            if not record.is_file():
-                raise DistillError(f"teacher cache {folder}: shard {shard_name(s)} was not built")
-            shards.append(read_json(record, "teacher-cache shard record"))
-        index = {"key": key, "spec": spec, "num_images": len(dataset), "views": views, "top_k": top_k,
-                 "params": PARAMS, "shard_images": shard_images, "teachers": [t["name"] for t in spec["teachers"]],
-                 "shards": shards}
-        write_text(folder / "index.json", json.dumps(index, indent=1, sort_keys=True))
+        write_index(folder, key, spec, len(dataset), shard_images)
     distributed.barrier()
     index = read_index(folder)
     assert index is not None  # rank 0 wrote it before the barrier
