@@ -47,7 +47,7 @@ def synthetic_spec(images: int, views: int, teachers: int, top_k: int, classes: 
                    temperature: float) -> Dict[str, Any]:
     """Return a cache spec of the real shape for synthetic teachers (the key hashes it)."""
     return {"format": FORMAT, "dataset": {"items": images, "files": "synthetic", "labels": "synthetic"},
-            "augment": {"augment": "synthetic"}, "seed": 0, "views": views, "top_k": top_k, "num_classes": classes,
+            "augment": {"augment": "synthetic"}, "view_seed": 0, "views": views, "top_k": top_k, "num_classes": classes,
             "tail_temperature": float(temperature) if top_k < classes else None, "autocast": "None",
             "teachers": [{"name": f"synthetic{m}", "weights": f"synthetic{m}", "tap": ["pre_logits", -1],
                           "adapter": {}} for m in range(teachers)]}

@@ -98,7 +98,7 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
     ``spec`` (:func:`distill.cache.store.cache_spec`) gives the view seed, views, top-k and
     the temperature of the stored tails.
     """
-    key, views, top_k, seed = spec["key"], spec["views"], spec["top_k"], spec["seed"]
+    key, views, top_k, seed = spec["key"], spec["views"], spec["top_k"], spec["view_seed"]
     temperature = spec["tail_temperature"]
     targets = torch.tensor(dataset_targets(dataset), dtype=torch.long)
     spec = {k: v for k, v in spec.items() if k != "key"}

@@ -15,7 +15,8 @@
   shard's SHA-256; written last, once every shard is there.
 
 The key is the SHA-256 (first 32 hex digits) of the spec: the training set's file list
-(relative paths and sizes, no pixels) and labels, the augmentation settings and seed, the
+(relative paths and sizes, no pixels) and labels, the augmentation settings and the views'
+seed (``view_seed``: ``run.teacher_cache_view_seed``, default the training seed), the
 number of views, every teacher's weights hash and input adapter, the tap, top-k, the
 temperature of the stored tails (None when k = C: the full logits do not depend on it) and
 the autocast dtype. Reading verifies every shard's checksum; a cache whose spec differs from
@@ -118,7 +119,7 @@ def teacher_spec(pool: TeacherPool) -> List[Dict[str, Any]]:
     return specs
 
 
-def cache_spec(dataset: Dataset, augment: Dict[str, Any], seed: int, views: int, top_k: int,
+def cache_spec(dataset: Dataset, augment: Dict[str, Any], view_seed: int, views: int, top_k: int,
                num_classes: int, pool: TeacherPool, dtype: Optional[torch.dtype],
                temperature: float = 1.0) -> Dict[str, Any]:
     """Return the JSON-able record a cache's key hashes (see the module docstring).
@@ -126,9 +127,9 @@ def cache_spec(dataset: Dataset, augment: Dict[str, Any], seed: int, views: int,
     ``temperature`` is the KD temperature the top-k tails are stored for (ignored when ``top_k >= num_classes``).
     """
     tail = float(temperature) if top_k < num_classes else None
-    return {"format": FORMAT, "dataset": dataset_fingerprint(dataset), "augment": augment, "seed": int(seed),
-            "views": int(views), "top_k": int(top_k), "num_classes": int(num_classes), "tail_temperature": tail,
-            "teachers": teacher_spec(pool), "autocast": str(dtype)}
+    return {"format": FORMAT, "dataset": dataset_fingerprint(dataset), "augment": augment,
+            "view_seed": int(view_seed), "views": int(views), "top_k": int(top_k), "num_classes": int(num_classes),
+            "tail_temperature": tail, "teachers": teacher_spec(pool), "autocast": str(dtype)}
 
 
 def cache_key(spec: Dict[str, Any]) -> str:
