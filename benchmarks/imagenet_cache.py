@@ -15,7 +15,8 @@ wide, see ``distill-cache info`` for its projected size). Steps, each timed:
    main process rebuilds the logits);
 5. train (``--train-steps`` > 0): ``--procs`` gloo ranks (CPU) train a tiny student (an MLP on
    per-key synthetic inputs) with KD + CE + FitNet from the cache, DataLoader workers reading
-   rows; peak RSS per rank.
+   rows; peak RSS per rank and its workers' RSS. (The synthetic outputs are random, so there
+   is nothing to learn: this measures memory and speed, not accuracy.)
 
 Run: ``python benchmarks/imagenet_cache.py --out /work/tmp/imagenet_cache`` (``--images`` to size
 down); prints one JSON line per step and a summary.
@@ -86,10 +87,10 @@ def write_synthetic_cache(root: Path, images: int, views: int = 4, teachers: int
     return folder
 
 
-def memory() -> Dict[str, float]:
-    """Return this process's VmRSS, RssAnon, RssFile and VmHWM in MiB (Linux /proc/self/status)."""
+def memory(pid: str = "self") -> Dict[str, float]:
+    """Return a process's VmRSS, RssAnon, RssFile and VmHWM in MiB (Linux /proc/<pid>/status)."""
     out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, value = line.partition(":")
         if name in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
             out[name] = int(value.split()[0]) / 1024
@@ -192,10 +193,11 @@ def _train_rank(rank: int, world: int, folder: str, steps: int, batch: int, work
             dist.all_reduce(p.grad)
             p.grad /= world
         optim.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     seconds = time.perf_counter() - started
+    children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()  # the loader's workers
     queue.put({"rank": rank, "steps": steps, "seconds": seconds, "first_loss": losses[0], "last_loss": losses[-1],
-               "memory": memory(), "teachers": teachers})
+               "memory": memory(), "workers": [memory(pid) for pid in children], "teachers": teachers})
     dist.destroy_process_group()
 
 

@@ -1,4 +1,8 @@
-"""``distill-cache build RECIPE [--views K] [--top-k k] [overrides]`` and ``distill-cache info KEY|RECIPE``."""
+"""``distill-cache build RECIPE [--views K] [--top-k k] [overrides]`` and ``distill-cache info KEY|RECIPE``.
+
+``info RECIPE`` prints the projected size of the recipe's cache (:mod:`distill.cache.projection`)
+before anything is built, then the cache itself when it exists.
+"""
 
 from __future__ import annotations
 
@@ -73,7 +77,9 @@ def describe(folder: Path) -> List[str]:
             f"views      {spec['views']} per image",
             f"teachers   {', '.join(t['name'] for t in spec['teachers'])}",
             f"tap        {spec['teachers'][0]['tap'][0]}",
-            f"top-k      {spec['top_k']} of {spec['num_classes']} classes",
+            f"top-k      {spec['top_k']} of {spec['num_classes']} classes"
+            + (f", tails at T = {spec['tail_temperature']:g}" if spec.get("tail_temperature") else ""),
+            f"view seed  {spec['view_seed']}",
             f"autocast   {spec['autocast']}",
             f"coverage   {built}/{items} images ({len(records)} of {-(-items // shard_images)} shards)"
             + ("" if index is not None else ", build unfinished")]
@@ -82,10 +88,19 @@ def describe(folder: Path) -> List[str]:
 def _info(args: argparse.Namespace) -> int:
     target = args.target
     if Path(target).is_file():
+        from .projection import describe_projection, feature_shapes, project
         from .recipes import recipe_cache_spec
 
-        recipe, bundle, pool, _, dtype = _recipe_parts(target, list(args.overrides))
-        key = recipe_cache_spec(recipe, bundle, pool, dtype)["key"]
+        recipe, bundle, pool, device, dtype = _recipe_parts(target, list(args.overrides))
+        spec = recipe_cache_spec(recipe, bundle, pool, dtype)
+        size = project(len(bundle.train), spec["views"], spec["top_k"], spec["num_classes"],
+                       [t["name"] for t in spec["teachers"]], feature_shapes(pool, bundle.input_size, device))
+        print("\n".join(describe_projection(size, recipe.distill.features)))
+        folder = cache_root() / spec["key"]
+        if not (folder / "index.json").is_file() and not (folder / "spec.json").is_file():
+            print(f"key        {spec['key']} (not built yet: distill-cache build {target})")
+            return 0
+        key = spec["key"]
     elif len(target) == KEY_LENGTH:
         key = target
     else:
@@ -104,7 +119,8 @@ def main(argv: List[str]) -> int:
     build.add_argument("--top-k", type=int, help="logits kept per teacher and view (run.teacher_top_k; default all)")
     build.add_argument("--shard-images", type=int, default=1024, help="images per shard (default 1024)")
     info = argparse.ArgumentParser(prog="distill-cache info",
-                                   description="Print a cache's size, views, teachers, top-k and coverage.")
+                                   description="Print a cache's size, views, teachers, top-k and coverage; for a recipe, "
+                                               "first the projected size of its cache (built or not).")
     info.add_argument("target", help="a cache key, or a recipe YAML file (its cache)")
     info.add_argument("overrides", nargs="*", help="with a recipe: dotted overrides")
     commands = {"build": (build, _build), "info": (info, _info)}
