@@ -229,7 +229,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps
                                   warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, decay_rate=cfg.decay_rate,
                                   updates_per_epoch=steps_per_epoch, step_on_epochs=True)
     if cfg.name == "multistep":
-        kwargs["decay_milestones"] = list(cfg.milestones)
+        kwargs["decay_milestones"] = cfg.decay_epochs()
     if cfg.name == "constant":
         kwargs.update(decay_epochs=cfg.epochs + 1, decay_rate=1.0)
     scheduler, _ = create_scheduler_v2(optimizer, **kwargs)
@@ -410,7 +410,7 @@ class Trainer:
             meter.update(out, y)
             logged = (step + 1) % self.run.log_interval == 0
             if logged:
-                values = self._check_finite(meter, epoch, step)
+                values = self._check_finite(meter, epoch, step, x)
                 seen = meter.count / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['top1']:.1f}", img_s=f"{seen:.0f}")
             if _TEST_STEP_DELAY:  # tests only: slow steps down so a signal lands mid-epoch
@@ -421,7 +421,7 @@ class Trainer:
                     (logged or not distributed.is_distributed()):
                 return None
         elapsed = time.perf_counter() - started
-        values = self._check_finite(meter, epoch, len(self.train_loader) - 1)
+        values = self._check_finite(meter, epoch, len(self.train_loader) - 1, x)
         total = meter.reduced()
         row: Dict[str, float] = {"epoch": epoch + 1, "lr": lr}
         row.update({f"train_{k}": v for k, v in values.items()})
@@ -432,11 +432,15 @@ class Trainer:
             row.update({f"policy/{k}": v for k, v in d.policy.end_epoch(epoch).items()})
         return row
 
-    def _check_finite(self, meter: EpochMeter, epoch: int, step: int) -> Dict[str, float]:
-        """Return the meter's means; raise when the loss is not finite. Under fp16 a non-finite step
-        is the GradScaler's business (skipped, not a crash); only every step skipped raises."""
+    def _check_finite(self, meter: EpochMeter, epoch: int, step: int, x: Tensor) -> Dict[str, float]:
+        """Return the meter's means; raise when the loss is not finite, naming the first teacher whose
+        outputs on ``x`` (the step's input batch) are not finite when there is one. Under fp16 a
+        non-finite step is the GradScaler's business (skipped, not a crash); only every step skipped raises."""
         values = meter.reduced().read()
         if not math.isfinite(values["loss"]):
+            pool = self.distiller.pool
+            if len(pool) and self.distiller.teacher_cache is None:  # cached outputs were checked at load
+                pool.require_finite(pool(x))
             parts = ", ".join(f"{k}={values[k]:.4g}" for k in ("ce", "kd", "feat"))
             raise DistillError(f"[{self.label}] non-finite loss by epoch {epoch + 1} step {step + 1} "
                                f"(running means: {parts}); stopping without overwriting the last checkpoint")

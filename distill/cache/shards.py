@@ -4,7 +4,9 @@ A shard is a plain safetensors file (8-byte little-endian header length, a JSON 
 giving each tensor's dtype, shape and byte range, then the bytes). :class:`ShardFile`
 reads the header once and then single rows with ``pread`` into the caller's buffer, so a
 lookup reads exactly its rows' bytes and a process holds nothing of the cache between
-lookups (the kernel's page cache, shared by every process, keeps what is hot).
+lookups (the kernel's page cache, shared by every process, keeps what is hot). Floating
+rows are checked as they are read: a non-finite value is refused naming the shard file and
+the tensor (checking every shard at open would read the whole cache).
 :class:`Shards` knows which shard holds which images; :class:`ShardedArray` is one
 tensor's rows across every shard. Files open lazily in each process (a pickled array
 opens them again in a DataLoader worker).
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DistillError
+from ..fileio import require_finite
 
 DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "U8": np.uint8,
           "I16": np.int16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
@@ -142,6 +145,8 @@ class ShardedArray:
             else:  # all K views of the image: K consecutive rows
                 rows = (images[:, None] * self.views + np.arange(self.views)).reshape(-1)
                 self.shards.files[shard].rows(self.name, rows, part.reshape(-1, *self.row_shape))
+            if self.np_dtype.kind == "f":  # a shard written from non-finite outputs: refused where it is read
+                require_finite({self.name: torch.from_numpy(part)}, self.shards.files[shard].path)
             out[positions] = part
         return torch.from_numpy(out)
 
