@@ -177,6 +177,7 @@ class RunConfig:
     plot: bool = False  # draw teacher weights and val top-1 per epoch to <run_dir>/weights.png at the end
     teacher_cache: Optional[str] = None  # auto | KEY: teachers' top-k outputs per stored view, built by distill-cache (distill.cache)
     teacher_top_k: Optional[int] = None  # teacher_cache: logits kept per teacher and view (default: all classes)
+    teacher_cache_view_seed: Optional[int] = None  # teacher_cache: seed of the stored views (default: seed); runs differing only in seed then share one cache
     sync_bn: bool = False  # under torchrun (CUDA): SyncBatchNorm in the student (default: per-rank BN statistics)
 
 

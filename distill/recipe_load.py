@@ -101,6 +101,12 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
         raise RecipeError("data.aug_repeats", "repeated augmentation draws fresh views of each image, but with "
                           "run.teacher_cache every epoch replays its stored view; set data.aug_repeats=0, or "
                           "run.teacher_cache=null")
+    view_seed = recipe.run.teacher_cache_view_seed
+    if view_seed is not None and cache is None:
+        raise RecipeError("run.teacher_cache_view_seed", "seeds the views stored in the teacher cache: set "
+                          "run.teacher_cache=auto, or leave it unset")
+    if view_seed is not None and view_seed < 0:
+        raise RecipeError("run.teacher_cache_view_seed", f"must be >= 0, got {view_seed}")
     if recipe.run.teacher_top_k is not None and recipe.run.teacher_top_k < 1:
         raise RecipeError("run.teacher_top_k", f"must be >= 1, got {recipe.run.teacher_top_k}")
     if recipe.data.num_classes is not None and recipe.data.num_classes < 1:

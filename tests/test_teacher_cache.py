@@ -86,15 +86,17 @@ def test_replaying_view_v_gives_what_the_live_loader_shows_in_epoch_v(image_tree
 def test_top_k_reconstruction_keeps_top_k_and_spreads_the_rest():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 12, generator=gen) * 3
-    values, ids, rest = topk_soft_labels(logits, 12)  # k = C: the full logits (fp16)
-    assert rest is None
-    full = reconstruct_logits(values, ids, rest, 12)
+    top1 = logits.argmax(-1)  # labels inside the top-k: the tail is spread uniformly (tests/test_cache_tails.py)
+    soft = topk_soft_labels(logits, 12, 1.0, top1)  # k = C: the full logits (fp16)
+    assert soft.tail is None
+    full = reconstruct_logits(soft, 12, 1.0)
     assert torch.equal(full, logits.half().float())
     student = torch.randn(5, 12, generator=gen)
     assert torch.equal(kd_loss(student, full, 4.0), kd_loss(student, logits.half().float(), 4.0))
 
-    values, ids, rest = topk_soft_labels(logits, 4)
-    approx = reconstruct_logits(values, ids, rest, 12)
+    soft = topk_soft_labels(logits, 4, 1.0, top1)
+    ids = soft.ids
+    approx = reconstruct_logits(soft, 12, 1.0)
     p, q = logits.softmax(-1), approx.softmax(-1)
     top = p.gather(-1, ids.long())
     torch.testing.assert_close(q.gather(-1, ids.long()), top, atol=2e-3, rtol=5e-3)  # fp16 logits

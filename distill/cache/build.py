@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import distributed
-from ..data import PARAMS, SeededDataset, ignore_interrupts
+from ..data import PARAMS, SeededDataset, dataset_targets, ignore_interrupts
 from ..engine import autocast
 from ..errors import DistillError
 from ..fileio import read_json, write_text
@@ -51,6 +51,31 @@ def shard_done(folder: Path, shard: int) -> bool:
         return False
 
 
+def write_shard(folder: Path, shard: int, image_range: Tuple[int, int], tensors: Dict[str, torch.Tensor]) -> None:
+    """Save shard ``shard`` (images ``image_range``, tensors ``(n, K, ...)``) and record it (its SHA-256)."""
+    path = folder / shard_name(shard)
+    save_shard(path, tensors)
+    start, stop = image_range
+    write_text(_record_path(folder, shard), json.dumps(
+        {"file": path.name, "start": start, "count": stop - start, "bytes": path.stat().st_size,
+         "sha256": file_sha256(path)}, sort_keys=True))
+
+
+def write_index(folder: Path, key: str, spec: Dict[str, Any], num_images: int, shard_images: int) -> Dict[str, Any]:
+    """Write and return ``index.json`` of a cache whose every shard is recorded (the build's last step)."""
+    shards = []
+    for s in range(len(shard_ranges(num_images, shard_images))):
+        record = _record_path(folder, s)
+        if not record.is_file():
+            raise DistillError(f"teacher cache {folder}: shard {shard_name(s)} was not built")
+        shards.append(read_json(record, "teacher-cache shard record"))
+    index = {"key": key, "spec": spec, "num_images": num_images, "views": spec["views"], "top_k": spec["top_k"],
+             "params": PARAMS, "shard_images": shard_images, "teachers": [t["name"] for t in spec["teachers"]],
+             "shards": shards}
+    write_text(folder / "index.json", json.dumps(index, indent=1, sort_keys=True))
+    return index
+
+
 class _ShardBuffer:
     """One shard's outputs ``(n, K, ...)``, filled batch by batch."""
 
@@ -69,9 +94,12 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
                  progress: bool = True) -> Dict[str, Any]:
     """Build the missing or corrupt shards of ``folder`` and return its index (see the module docstring).
 
-    ``spec`` (:func:`distill.cache.store.cache_spec`) gives the seed, views and top-k.
+    ``spec`` (:func:`distill.cache.store.cache_spec`) gives the view seed, views, top-k and
+    the temperature of the stored tails.
     """
-    key, views, top_k, seed = spec["key"], spec["views"], spec["top_k"], spec["seed"]
+    key, views, top_k, seed = spec["key"], spec["views"], spec["top_k"], spec["view_seed"]
+    temperature = spec["tail_temperature"]
+    targets = torch.tensor(dataset_targets(dataset), dtype=torch.long)
     spec = {k: v for k, v in spec.items() if k != "key"}
     folder.mkdir(parents=True, exist_ok=True)
     started_spec = folder / "spec.json"
@@ -103,24 +131,19 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
         rows = index - ranges[shard][0]
         with autocast(device, dtype):
             out = pool(x.to(device, non_blocking=True))
-        values, ids, rest = topk_soft_labels(out.logits.transpose(0, 1), min(top_k, out.logits.shape[-1]))
+        labels = targets[index].to(device).unsqueeze(-1)  # (B, 1): broadcast over the teachers
+        soft = topk_soft_labels(out.logits.transpose(0, 1), min(top_k, out.logits.shape[-1]), temperature, labels)
         buffer.put("views", rows, view, records)
-        buffer.put("values", rows, view, values.cpu())
-        buffer.put("ids", rows, view, ids.cpu())
-        if rest is not None:
-            buffer.put("rest", rows, view, rest.cpu())
+        for name in ("values", "ids", "tail", "labels", "label_logit"):
+            if getattr(soft, name) is not None:
+                buffer.put(name, rows, view, getattr(soft, name).cpu())
         for m, (feature, embedding) in enumerate(zip(out.features, out.embeddings)):
             buffer.put(f"feature.{m}", rows, view, feature.half().cpu())
             if embedding is not feature:
                 buffer.put(f"embedding.{m}", rows, view, embedding.half().cpu())
         bar.update(len(keys))
         if view == views - 1 and int(rows[-1]) == buffer.count - 1:  # the shard's last batch
-            path = folder / shard_name(shard)
-            save_shard(path, buffer.tensors)
-            start, stop = ranges[shard]
-            write_text(_record_path(folder, shard), json.dumps(
-                {"file": path.name, "start": start, "count": stop - start, "bytes": path.stat().st_size,
-                 "sha256": file_sha256(path)}, sort_keys=True))
+            write_shard(folder, shard, ranges[shard], buffer.tensors)
             buffer = None
             if _TEST_SHARD_DELAY:  # tests only: slow the build down so a kill lands between shards
                 time.sleep(_TEST_SHARD_DELAY)
@@ -131,16 +154,7 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
               f"({total / max(elapsed, 1e-9):.0f} images/s)", flush=True)
     distributed.barrier()
     if distributed.is_main():
-        shards = []
-        for s in range(len(ranges)):
-            record = _record_path(folder, s)
-            if not record.is_file():
-                raise DistillError(f"teacher cache {folder}: shard {shard_name(s)} was not built")
-            shards.append(read_json(record, "teacher-cache shard record"))
-        index = {"key": key, "spec": spec, "num_images": len(dataset), "views": views, "top_k": top_k,
-                 "params": PARAMS, "shard_images": shard_images, "teachers": [t["name"] for t in spec["teachers"]],
-                 "shards": shards}
-        write_text(folder / "index.json", json.dumps(index, indent=1, sort_keys=True))
+        write_index(folder, key, spec, len(dataset), shard_images)
     distributed.barrier()
     index = read_index(folder)
     assert index is not None  # rank 0 wrote it before the barrier

@@ -1,4 +1,8 @@
-"""``distill-cache build RECIPE [--views K] [--top-k k] [overrides]`` and ``distill-cache info KEY|RECIPE``."""
+"""``distill-cache build RECIPE [--views K] [--top-k k] [overrides]`` and ``distill-cache info KEY|RECIPE``.
+
+``info RECIPE`` prints the projected size of the recipe's cache (:mod:`distill.cache.projection`)
+before anything is built, then the cache itself when it exists.
+"""
 
 from __future__ import annotations
 
@@ -73,7 +77,9 @@ def describe(folder: Path) -> List[str]:
             f"views      {spec['views']} per image",
             f"teachers   {', '.join(t['name'] for t in spec['teachers'])}",
             f"tap        {spec['teachers'][0]['tap'][0]}",
-            f"top-k      {spec['top_k']} of {spec['num_classes']} classes",
+            f"top-k      {spec['top_k']} of {spec['num_classes']} classes"
+            + (f", tails at T = {spec['tail_temperature']:g}" if spec.get("tail_temperature") else ""),
+            f"view seed  {spec['view_seed']}",
             f"autocast   {spec['autocast']}",
             f"coverage   {built}/{items} images ({len(records)} of {-(-items // shard_images)} shards)"
             + ("" if index is not None else ", build unfinished")]
@@ -82,10 +88,19 @@ def describe(folder: Path) -> List[str]:
 def _info(args: argparse.Namespace) -> int:
     target = args.target
     if Path(target).is_file():
+        from .projection import describe_projection, feature_shapes, project
         from .recipes import recipe_cache_spec
 
-        recipe, bundle, pool, _, dtype = _recipe_parts(target, list(args.overrides))
-        key = recipe_cache_spec(recipe, bundle, pool, dtype)["key"]
+        recipe, bundle, pool, device, dtype = _recipe_parts(target, list(args.overrides))
+        spec = recipe_cache_spec(recipe, bundle, pool, dtype)
+        size = project(len(bundle.train), spec["views"], spec["top_k"], spec["num_classes"],
+                       [t["name"] for t in spec["teachers"]], feature_shapes(pool, bundle.input_size, device))
+        print("\n".join(describe_projection(size, recipe.distill.features)))
+        folder = cache_root() / spec["key"]
+        if not (folder / "index.json").is_file() and not (folder / "spec.json").is_file():
+            print(f"key        {spec['key']} (not built yet: distill-cache build {target})")
+            return 0
+        key = spec["key"]
     elif len(target) == KEY_LENGTH:
         key = target
     else:
@@ -115,7 +130,8 @@ def _info_main(argv: List[str]) -> int:
 
 
 BUILD_HELP = "run the recipe's teachers once per stored view and save their outputs"
-INFO_HELP = "print a cache's size, views, teachers, top-k and coverage"
+INFO_HELP = ("print a cache's size, views, teachers, top-k and coverage; for a recipe, first the projected "
+             "size of its cache (built or not)")
 
 
 def main(argv: List[str]) -> int:

@@ -83,6 +83,9 @@ class ViewItems(Dataset):
 class CachedViews(Dataset):
     """The training set replayed from stored view records ``(N, K, PARAMS)``.
 
+    ``records`` is a tensor or the cache's :class:`~distill.cache.shards.ShardedArray`
+    (``TeacherCache.records``: each item's record read from its shard when the item loads).
+
     Indexed by key ``i * K + v``; items are ``(x (C, H, W), label, key)``.
     """
 

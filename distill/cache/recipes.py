@@ -1,5 +1,10 @@
 """From a recipe to its teacher cache: the spec and key, ``run.teacher_cache`` and the loader.
 
+The views are drawn with ``run.teacher_cache_view_seed`` (default: the training ``seed``), so
+the runs of a study that differ only in ``seed`` share one cache when they set it (their
+data order, student initialisation and everything else still follow ``seed``; with the
+default, epoch ``e < K`` shows exactly what a live run of that seed shows).
+
 ``run.teacher_cache: auto`` uses the cache whose key the recipe's spec gives, building it
 first when it does not exist; ``run.teacher_cache: KEY`` uses that cache and refuses it
 (naming what differs) when it was built for other data, views, teachers, tap, top-k or
@@ -34,12 +39,18 @@ def augment_spec(recipe: Any, bundle: DataBundle) -> Dict[str, Any]:
             "interpolation": d.interpolation}
 
 
+def view_seed(recipe: Any) -> int:
+    """Return the seed of the recipe's stored views: ``run.teacher_cache_view_seed``, else the training seed."""
+    seed = recipe.run.teacher_cache_view_seed
+    return int(recipe.seed if seed is None else seed)
+
+
 def recipe_cache_spec(recipe: Any, bundle: DataBundle, pool: TeacherPool,
                       dtype: Optional[torch.dtype]) -> Dict[str, Any]:
     """Return the cache spec of a recipe (``data.fixed_views`` views, ``run.teacher_top_k``), with its ``key``."""
     top_k = min(recipe.run.teacher_top_k or bundle.num_classes, bundle.num_classes)
-    spec = cache_spec(bundle.train, augment_spec(recipe, bundle), recipe.seed, recipe.data.fixed_views or 1,
-                      top_k, bundle.num_classes, pool, dtype)
+    spec = cache_spec(bundle.train, augment_spec(recipe, bundle), view_seed(recipe), recipe.data.fixed_views or 1,
+                      top_k, bundle.num_classes, pool, dtype, recipe.distill.temperature)
     return {"key": cache_key(spec), **spec}
 
 

@@ -3,20 +3,23 @@
 - ``shard-NNNNN.safetensors``: images ``[start, stop)`` of the training set, every view:
   ``views`` int64 ``(n, K, 7)`` (the view records, :mod:`distill.data.transforms`), ``values``
   fp16 ``(n, K, M, k)`` and ``ids`` int16/int32 ``(n, K, M, k)`` (each teacher's top-k
-  logits and their classes), ``rest`` fp32 ``(n, K, M)`` (log-sum-exp of the other
-  logits; absent when k = C, :mod:`distill.cache.topk`), ``feature.<m>`` fp16
+  logits and their classes); when k < C also ``tail`` fp32 ``(n, K, M)`` (the other
+  logits' log-sum-exp at the spec's ``tail_temperature``), ``labels`` int16/int32
+  ``(n, K, M)`` and ``label_logit`` fp32 ``(n, K, M)`` (:mod:`distill.cache.topk`); ``feature.<m>`` fp16
   ``(n, K, ...)`` (teacher m's tapped feature: pooled pre-logits ``(d,)`` for the
   ``pre_logits`` tap) and ``embedding.<m>`` fp16 ``(n, K, d)`` where the tap is a map.
-  Written to a temporary file and renamed, so a shard on disk is always whole; memory-mappable
-  (plain safetensors).
+  Written to a temporary file and renamed, so a shard on disk is always whole; read
+  memory-mapped, row by row (:mod:`distill.cache.shards`).
 - ``shard-NNNNN.json``: the finished shard's range, size and SHA-256 (build progress).
 - ``index.json``: the key, the spec it hashes (:func:`cache_spec`), the layout and every
   shard's SHA-256; written last, once every shard is there.
 
 The key is the SHA-256 (first 32 hex digits) of the spec: the training set's file list
-(relative paths and sizes, no pixels) and labels, the augmentation settings and seed, the
-number of views, every teacher's weights hash and input adapter, the tap, top-k and the
-autocast dtype. Reading verifies every shard's checksum; a cache whose spec differs from
+(relative paths and sizes, no pixels) and labels, the augmentation settings and the views'
+seed (``view_seed``: ``run.teacher_cache_view_seed``, default the training seed), the
+number of views, every teacher's weights hash and input adapter, the tap, top-k, the
+temperature of the stored tails (None when k = C: the full logits do not depend on it) and
+the autocast dtype. Reading verifies every shard's checksum; a cache whose spec differs from
 the recipe's, or with a missing or corrupt shard, is refused (:class:`DistillError`).
 """
 
@@ -25,25 +28,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..fileio import atomic_write, read_json, require_finite
+from ..fileio import atomic_write, read_json
 from ..errors import DistillError
 from ..manifest import content_hash, diff
 from ..paths import distill_home
 from ..signals import TeacherOutputs
 from ..teachers import TeacherPool
 from .items import leaf_item
-from .topk import reconstruct_logits
+from .shards import ShardedArray, Shards
+from .topk import SoftLabels, reconstruct_logits
 
-FORMAT = 1
+FORMAT = 2  # 2: tails exact at the KD temperature, label logits (1: tail log-sum-exp at T = 1)
 KEY_LENGTH = 32
 
 
@@ -114,12 +119,17 @@ def teacher_spec(pool: TeacherPool) -> List[Dict[str, Any]]:
     return specs
 
 
-def cache_spec(dataset: Dataset, augment: Dict[str, Any], seed: int, views: int, top_k: int,
-               num_classes: int, pool: TeacherPool, dtype: Optional[torch.dtype]) -> Dict[str, Any]:
-    """Return the JSON-able record a cache's key hashes (see the module docstring)."""
-    return {"format": FORMAT, "dataset": dataset_fingerprint(dataset), "augment": augment, "seed": int(seed),
-            "views": int(views), "top_k": int(top_k), "num_classes": int(num_classes),
-            "teachers": teacher_spec(pool), "autocast": str(dtype)}
+def cache_spec(dataset: Dataset, augment: Dict[str, Any], view_seed: int, views: int, top_k: int,
+               num_classes: int, pool: TeacherPool, dtype: Optional[torch.dtype],
+               temperature: float = 1.0) -> Dict[str, Any]:
+    """Return the JSON-able record a cache's key hashes (see the module docstring).
+
+    ``temperature`` is the KD temperature the top-k tails are stored for (ignored when ``top_k >= num_classes``).
+    """
+    tail = float(temperature) if top_k < num_classes else None
+    return {"format": FORMAT, "dataset": dataset_fingerprint(dataset), "augment": augment,
+            "view_seed": int(view_seed), "views": int(views), "top_k": int(top_k), "num_classes": int(num_classes),
+            "tail_temperature": tail, "teachers": teacher_spec(pool), "autocast": str(dtype)}
 
 
 def cache_key(spec: Dict[str, Any]) -> str:
@@ -148,23 +158,45 @@ def bad_shards(folder: Path, index: Dict[str, Any]) -> List[str]:
     return bad
 
 
-class TeacherCache:
-    """A finished cache in memory: view records and each row's teacher outputs, looked up by key.
+@dataclass
+class CachedRows:
+    """The stored rows of a batch of keys, as read from the shards (small; cheap to pass between processes).
 
-    Row ``key = i * K + v`` holds image ``i``'s view ``v``; :meth:`lookup` returns the
-    :class:`TeacherOutputs` of a batch of keys, logits rebuilt from the top-k soft labels.
+    ``soft``: each teacher's :class:`SoftLabels` ``(B, M, ...)``; ``features[m]`` fp16
+    ``(B, ...)``; ``embeddings[m]`` fp16 ``(B, d)``, or None where the feature is its own embedding.
     """
 
-    def __init__(self, index: Dict[str, Any], tensors: Dict[str, Tensor]):
+    soft: SoftLabels
+    features: List[Tensor]
+    embeddings: List[Optional[Tensor]]
+
+
+class TeacherCache:
+    """A finished cache, memory-mapped: view records and each row's teacher outputs, read by key.
+
+    Row ``key = i * K + v`` holds image ``i``'s view ``v``. Nothing is loaded at open: every
+    lookup reads just its rows from the mapped shards (:mod:`distill.cache.shards`), so a
+    process's resident memory does not grow with the cache. :meth:`read_rows` is the raw
+    read (run it in a DataLoader worker), :meth:`outputs` rebuilds the logits on a device,
+    :meth:`lookup` is both.
+    """
+
+    def __init__(self, folder: Path, index: Dict[str, Any]):
         self.index = index
         self.key = index["key"]
         self.num_classes = int(index["spec"]["num_classes"])
-        self.records = tensors["views"]  # (N, K, PARAMS)
-        flat = {name: t.flatten(0, 1) for name, t in tensors.items() if name != "views"}
-        self.values, self.ids, self.rest = flat["values"], flat["ids"], flat.get("rest")  # (N*K, M, k), (N*K, M)
+        self.temperature = index["spec"]["tail_temperature"]
+        self.shards = Shards([folder / shard["file"] for shard in index["shards"]],
+                             [int(shard["count"]) for shard in index["shards"]], int(index["views"]))
+        names = set(self.shards.files[0].header)
+        self.records = ShardedArray(self.shards, "views")  # (N, K, PARAMS), read per image
+        self.values, self.ids = ShardedArray(self.shards, "values"), ShardedArray(self.shards, "ids")  # (M, k) a row
+        self.tails = {name: ShardedArray(self.shards, name) for name in ("tail", "labels", "label_logit")
+                      if name in names}  # (M,) a row
         count = len(index["teachers"])
-        self.features = [flat[f"feature.{m}"] for m in range(count)]
-        self.embeddings = [flat.get(f"embedding.{m}") for m in range(count)]  # None: the feature itself
+        self.features = [ShardedArray(self.shards, f"feature.{m}") for m in range(count)]
+        self.embeddings = [ShardedArray(self.shards, f"embedding.{m}") if f"embedding.{m}" in names else None
+                           for m in range(count)]  # None: the feature itself
 
     @property
     def num_views(self) -> int:
@@ -172,27 +204,39 @@ class TeacherCache:
         return self.records.shape[1]
 
     def __len__(self) -> int:
-        return self.values.shape[0]
+        return self.records.shape[0] * self.num_views
 
     @property
     def nbytes(self) -> int:
-        """Return the memory the cached tensors take, in bytes."""
-        tensors = [self.records, self.values, self.ids, *self.features,
-                   *(t for t in [self.rest, *self.embeddings] if t is not None)]
-        return sum(t.nbytes for t in tensors)
+        """Return the size of the cached tensors in bytes (on disk; read row by row, never all resident)."""
+        arrays = [self.records, self.values, self.ids, *self.tails.values(), *self.features,
+                  *(a for a in self.embeddings if a is not None)]
+        return sum(a.nbytes for a in arrays)
+
+    def read_rows(self, keys: Tensor) -> CachedRows:
+        """Return the stored rows of ``keys (B,)`` (CPU tensors, as stored: fp16 logits and features)."""
+        images, views = np.divmod(keys.cpu().numpy().astype(np.int64), self.num_views)
+        groups = self.shards.group(images)
+        count = len(images)
+        soft = SoftLabels(self.values.read(groups, views, count), self.ids.read(groups, views, count),
+                          **{name: a.read(groups, views, count) for name, a in self.tails.items()})
+        rows = CachedRows(soft, [f.read(groups, views, count) for f in self.features],
+                          [None if e is None else e.read(groups, views, count) for e in self.embeddings])
+        return rows
+
+    def outputs(self, rows: CachedRows, device: torch.device) -> TeacherOutputs:
+        """Return the :class:`TeacherOutputs` of read rows on ``device``: logits ``(M, B, C)`` float32, features float32."""
+        soft = SoftLabels(**{name: None if t is None else t.to(device, non_blocking=True)
+                             for name, t in vars(rows.soft).items()})
+        logits = reconstruct_logits(soft, self.num_classes, self.temperature).transpose(0, 1).contiguous()
+        features = [f.to(device, non_blocking=True).float() for f in rows.features]
+        embeddings = [feature if e is None else e.to(device, non_blocking=True).float()
+                      for feature, e in zip(features, rows.embeddings)]
+        return TeacherOutputs(logits, features, embeddings)
 
     def lookup(self, keys: Tensor) -> TeacherOutputs:
         """Return the :class:`TeacherOutputs` of rows ``keys (B,)`` on the keys' device (float32)."""
-        device = keys.device
-        rows = keys.cpu()
-        rest = self.rest.index_select(0, rows) if self.rest is not None else None
-        logits = reconstruct_logits(self.values.index_select(0, rows), self.ids.index_select(0, rows), rest,
-                                    self.num_classes)  # (B, M, C)
-        logits = logits.transpose(0, 1).contiguous().to(device, non_blocking=True)
-        features = [f.index_select(0, rows).float().to(device, non_blocking=True) for f in self.features]
-        embeddings = [feature if e is None else e.index_select(0, rows).float().to(device, non_blocking=True)
-                      for feature, e in zip(features, self.embeddings)]
-        return TeacherOutputs(logits, features, embeddings)
+        return self.outputs(self.read_rows(keys), keys.device)
 
 
 def open_cache(folder: Path, spec: Optional[Dict[str, Any]] = None, rebuild_hint: str = "") -> TeacherCache:
@@ -214,8 +258,4 @@ def open_cache(folder: Path, spec: Optional[Dict[str, Any]] = None, rebuild_hint
     if bad:
         raise DistillError(f"run.teacher_cache: {folder}: shard(s) {', '.join(bad)} missing or failing their "
                            f"SHA-256 (corrupt){rebuild_hint}")
-    parts = [load_file(str(folder / shard["file"])) for shard in index["shards"]]
-    for shard, part in zip(index["shards"], parts):
-        require_finite(part, folder / shard["file"])
-    tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-    return TeacherCache(index, tensors)
+    return TeacherCache(folder, index)
