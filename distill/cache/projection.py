@@ -17,7 +17,7 @@ import torch
 
 from ..teachers import TeacherPool
 from .topk import class_id_dtype
-from .views import PARAMS
+from ..data import PARAMS
 
 
 @dataclass
