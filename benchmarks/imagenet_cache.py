@@ -41,7 +41,7 @@ from distill.cache.build import write_index, write_shard  # noqa: E402
 from distill.cache.items import shard_ranges  # noqa: E402
 from distill.cache.store import FORMAT, CachedRows, TeacherCache, cache_key, open_cache  # noqa: E402
 from distill.cache.topk import class_id_dtype  # noqa: E402
-from distill.cache.views import PARAMS  # noqa: E402
+from distill.data import PARAMS  # noqa: E402
 
 
 def synthetic_spec(images: int, views: int, teachers: int, top_k: int, classes: int,
