@@ -129,8 +129,12 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     _dump(trainers[-1], out / "single.safetensors")
     single = load_file(str(out / "single.safetensors"))
     assert single.keys() == ranks[0].keys()
-    worst = max((single[k].double() - ranks[0][k].double()).abs().max().item() for k in single)
-    print(f"largest |2-process - 1-process| weight difference: {worst:.3g}")
+    # absolute difference where |value| <= 1 (weights), relative above it: the agent's running state
+    # statistics (sums of squared states, in the thousands) differ by a few ulps of their size with the
+    # order of summation, which varies with the CPU's kernels (1.3e-4 absolute on 2026-12-04's machine)
+    worst = max(((single[k].double() - ranks[0][k].double()).abs() / single[k].double().abs().clamp_min(1))
+                .max().item() for k in single)
+    print(f"largest |2-process - 1-process| difference (relative above 1): {worst:.3g}")
     assert worst < TOLERANCE, f"largest difference to the single-process run: {worst:.3g}"
 
     run = tmp_path / "ddp"  # rank 0 wrote the run files
