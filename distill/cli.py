@@ -1,5 +1,5 @@
 """Command line: ``distill-train``, ``distill-eval``, ``distill-zoo``, ``distill-plot``,
-``distill-push``, ``distill-cache`` (also ``python -m distill.cli {train,eval,zoo,plot,push,cache} ...``).
+``distill-push``, ``distill-cache``, ``distill-pool`` (also ``python -m distill.cli {train,eval,...,pool} ...``).
 
 User errors (bad recipe, unknown model, missing data, corrupt file) print one line
 ``error: ...`` and exit with code 2, without a traceback.
@@ -243,6 +243,48 @@ def _push(argv: List[str]) -> int:
     return 0
 
 
+def _pool(argv: List[str]) -> int:
+    top = _Parser(prog="distill-pool", description="Know a recipe's teacher pool before training.",
+                  epilog="distill-pool check --help: the check's arguments")
+    top.add_argument("command", choices=("check",),
+                     help="check: run every teacher as training runs it on the recipe's data and report on the pool")
+    if not argv or argv[0] != "check":  # --help, or a usage error naming the command
+        top.parse_args(argv[:1])
+    check = _Parser(
+        prog="distill-pool check",
+        description="Run every teacher as training runs it (input adaptation, resolution, normalisation, "
+                    "precision) on the recipe's data; print per-teacher accuracy, calibration, class-order "
+                    "findings and verdicts, the pool's agreement and ensembles; write pool_report.json and "
+                    "pool_report.png.")
+    check.add_argument("recipe", help="recipe YAML file")
+    check.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/cifar10")
+    check.add_argument("--split", choices=("train", "val"), default="val",
+                       help="val: the test images (default); train: the training images as training loads them")
+    check.add_argument("--limit", type=int, help="check a class-balanced subset of N images")
+    check.add_argument("--output-dir", help="where to write the report (default: <run dir>/pool_check)")
+    _add_offline(check)
+    args = check.parse_intermixed_args(argv[1:])
+
+    from pathlib import Path
+
+    from .errors import DistillError
+    from .fetch import offline
+    from .pool_check import check_pool
+    from .pool_report import format_table, write_report
+    from .recipe_load import load_recipe
+
+    if args.limit is not None and args.limit < 1:
+        raise DistillError(f"--limit: must be >= 1, got {args.limit}")
+    recipe = load_recipe(args.recipe, list(args.overrides) + (["data.download=false"] if args.offline else []))
+    with offline(args.offline):
+        report = check_pool(recipe, args.split, args.limit, progress=recipe.run.progress and sys.stderr.isatty())
+    out_dir = Path(args.output_dir) if args.output_dir else recipe.run_dir / "pool_check"
+    json_path, figure = write_report(report, out_dir)
+    print(format_table(report))
+    print(f"report: {json_path}\nfigure: {figure}")
+    return 0
+
+
 def _cache(argv: List[str]) -> int:
     from .cache.cli import main as cache_cli
 
@@ -255,12 +297,14 @@ zoo_main = _guarded(_zoo)
 plot_main = _guarded(_plot)
 push_main = _guarded(_push)
 cache_main = _guarded(_cache)
+pool_main = _guarded(_pool)
 
-_COMMANDS = {"train": train_main, "eval": eval_main, "zoo": zoo_main, "plot": plot_main, "push": push_main, "cache": cache_main}
+_COMMANDS = {"train": train_main, "eval": eval_main, "zoo": zoo_main, "plot": plot_main, "push": push_main,
+             "cache": cache_main, "pool": pool_main}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m distill.cli {train,eval,zoo,plot,push,cache} ...``."""
+    """``python -m distill.cli {train,eval,zoo,plot,push,cache,pool} ...``."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in _COMMANDS:
         print(f"usage: python -m distill.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)
