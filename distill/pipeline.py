@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -52,6 +53,12 @@ class RunReport:
                  f"{'model':<{width}}{'top1':>8}{'top5':>8}"]
         lines += [f"{name:<{width}}{top1:>8.2f}{top5:>8.2f}" for name, top1, top5 in rows]
         return "\n".join(lines)
+
+
+def _say(message: str) -> None:
+    """Print a run message to stderr (rank 0 only under torchrun)."""
+    if distributed.is_main():
+        print(message, file=sys.stderr, flush=True)
 
 
 def _safe(name: str) -> str:
@@ -222,6 +229,12 @@ class RecipeRunner:
         distiller = build_distiller(student.model, teachers, self.tap, self.bundle.input_size, recipe.distill,
                                     recipe.optim, recipe.run, self.device)
         pool = distiller.pool
+        if recipe.run.pool_check != "off" and len(pool):  # cheap: top-1 on a few training batches, warn or refuse
+            from .pool_check import pre_training_check
+
+            pre_training_check(pool, self.bundle.train, distributed.local_batch_size(recipe.data.batch_size),
+                               self.device, autocast_dtype(recipe.run.precision, self.device),
+                               recipe.run.channels_last, self.bundle.num_classes, recipe.run.pool_check, _say)
         if recipe.run.teacher_cache is not None and len(pool):  # stored views replayed, teachers looked up
             from .cache.recipes import cached_train_loader, training_cache
 
