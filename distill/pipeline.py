@@ -229,18 +229,19 @@ class RecipeRunner:
         distiller = build_distiller(student.model, teachers, self.tap, self.bundle.input_size, recipe.distill,
                                     recipe.optim, recipe.run, self.device)
         pool = distiller.pool
-        if recipe.run.pool_check != "off" and len(pool):  # cheap: top-1 on a few training batches, warn or refuse
-            from .pool_check import pre_training_check
-
-            pre_training_check(pool, self.bundle.train, distributed.local_batch_size(recipe.data.batch_size),
-                               self.device, autocast_dtype(recipe.run.precision, self.device),
-                               recipe.run.channels_last, self.bundle.num_classes, recipe.run.pool_check, _say)
         if recipe.run.teacher_cache is not None and len(pool):  # stored views replayed, teachers looked up
             from .cache.recipes import cached_train_loader, training_cache
 
             distiller.teacher_cache = training_cache(recipe, self.bundle, pool, self.device,
                                                      autocast_dtype(recipe.run.precision, self.device))
             self.train_loader = cached_train_loader(recipe, self.bundle.train, distiller.teacher_cache)
+        if recipe.run.pool_check != "off" and len(pool):  # cheap: top-1 on a few training batches (live or cached)
+            from .pool_check import pre_training_check
+
+            pre_training_check(pool, self.bundle.train, distributed.local_batch_size(recipe.data.batch_size),
+                               self.device, autocast_dtype(recipe.run.precision, self.device),
+                               recipe.run.channels_last, self.bundle.num_classes, recipe.run.pool_check, _say,
+                               cache=distiller.teacher_cache)
         identity = {"student": recipe.student.model, "teachers": [t.source for t in teachers],
                     "distill": asdict(recipe.distill)}  # the loss and the policy with its arguments
         trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, student.arch,

@@ -17,18 +17,20 @@ that maximises the matched counts (``scipy.optimize.linear_sum_assignment``) is 
 identity and raises top-1 by at least :data:`PERMUTATION_GAIN` points to at least
 :data:`PERMUTED_MIN_TOP1` percent (assessed only with at least :data:`MIN_IMAGES_PER_CLASS`
 images per class on average: fewer let the assignment match noise). Verdicts
-(:func:`verdict`): ``drop`` (non-finite outputs; top-1 at or below chance), ``check``
+(:func:`verdict`): ``drop`` (non-finite outputs; top-1 no better than chance: within
+:data:`CHANCE_SE` standard errors of a chance-level predictor, or below), ``check``
 (another class order; top-1 :data:`BEHIND_POOL` points or more below the other teachers'
 median), else ``keep``.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ ECE_BINS = 15
 PERMUTATION_GAIN = 10.0  # top-1 points the assignment must add
 PERMUTED_MIN_TOP1 = 50.0  # top-1 (percent) the teacher must reach once permuted
 MIN_IMAGES_PER_CLASS = 5  # images per class (on average) below which no permutation is assessed
+CHANCE_SE = 3.0  # standard errors of a chance-level predictor's top-1: below chance - margin is "below chance"
 BEHIND_POOL = 15.0  # top-1 points below the other teachers' median that earn a `check`
 PRECHECK_BATCHES = 4  # the pre-training check reads max(4 batches, 5 images per class) training images
 
@@ -153,7 +156,18 @@ def find_permutation(confusion: np.ndarray, images: int, class_map: Optional[Lis
     return out
 
 
-def verdict(teacher: Dict[str, Any], chance: float, others_top1: Sequence[float]) -> Dict[str, str]:
+def chance_margin(chance: float, images: int) -> float:
+    """Return :data:`CHANCE_SE` standard errors (top-1 points) of a chance-level predictor's top-1 on ``images``."""
+    p = chance / 100.0
+    return CHANCE_SE * 100.0 * math.sqrt(p * (1.0 - p) / max(images, 1))
+
+
+def below_chance(top1: float, chance: float, images: int) -> bool:
+    """Return True when ``top1`` lies below chance by more than :func:`chance_margin` (systematically wrong)."""
+    return top1 < chance - chance_margin(chance, images)
+
+
+def verdict(teacher: Dict[str, Any], chance: float, images: int, others_top1: Sequence[float]) -> Dict[str, str]:
     """Return ``{'verdict': keep | check | drop, 'reason': ...}`` for one teacher's report (module doc)."""
     top1, perm = teacher["top1"], teacher["permutation"]
     if teacher["non_finite"]:
@@ -161,8 +175,9 @@ def verdict(teacher: Dict[str, Any], chance: float, others_top1: Sequence[float]
     if perm["found"]:
         return {"verdict": "check", "reason": f"another class order: top-1 {top1:.1f}% -> {perm['top1_after']:.1f}% "
                                               f"with {perm['line']}"}
-    if top1 <= chance:
-        return {"verdict": "drop", "reason": f"top-1 {top1:.1f}% at or below chance ({chance:.1f}%)"}
+    if top1 <= chance + chance_margin(chance, images):
+        how = "below" if below_chance(top1, chance, images) else "no better than"
+        return {"verdict": "drop", "reason": f"top-1 {top1:.1f}% {how} chance ({chance:.1f}%)"}
     if others_top1 and top1 <= statistics.median(others_top1) - BEHIND_POOL:
         return {"verdict": "check", "reason": f"top-1 {top1:.1f}% far below the other teachers' median "
                                               f"({statistics.median(others_top1):.1f}%)"}
@@ -173,32 +188,46 @@ def add_verdicts(report: Dict[str, Any]) -> Dict[str, Any]:
     """Set each teacher's ``verdict`` and ``reason`` in ``report`` (in place) and return it."""
     top1 = [t["top1"] for t in report["teachers"]]
     for i, t in enumerate(report["teachers"]):
-        t.update(verdict(t, report["chance"], top1[:i] + top1[i + 1:]))
+        t.update(verdict(t, report["chance"], report["images"], top1[:i] + top1[i + 1:]))
     return report
 
 
-@torch.no_grad()
-def measure_pool(pool: TeacherPool, loader, device: torch.device, dtype: Optional[torch.dtype],
-                 channels_last: bool = False, progress: bool = False, desc: str = "pool check",
-                 num_classes: Optional[int] = None) -> Dict[str, Any]:
-    """Return the report (with verdicts) of ``pool`` on ``loader``'s ``(x, y)`` batches, the pool run as the
-    training step runs it: on ``device``, under autocast ``dtype``, channels-last when asked."""
+def pool_batches(pool: TeacherPool, loader, device: torch.device, dtype: Optional[torch.dtype],
+                 channels_last: bool = False, progress: bool = False,
+                 desc: str = "pool check") -> Iterator[Tuple[Tensor, Tensor]]:
+    """Yield ``(logits (M, B, C), labels (B,))`` of ``pool`` on ``loader``'s ``(x, y)`` batches, the pool run as
+    the training step runs it: on ``device``, under autocast ``dtype``, channels-last when asked."""
     from .distiller import autocast
 
     pool.to(device)
     if channels_last:
         pool.to(memory_format=torch.channels_last)
-    stats = None
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress, file=sys.stderr):
         x = x.to(device, non_blocking=True)
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
-            logits = pool(x).logits
-        if stats is None:
-            stats = PoolStats(len(pool), num_classes or logits.shape[-1], device)
+            yield pool(x).logits, y
+
+
+def cached_batches(cache: Any, indices: Sequence[int], targets: Sequence[int], batch_size: int,
+                   device: torch.device) -> Iterator[Tuple[Tensor, Tensor]]:
+    """Yield ``(logits (M, B, C), labels (B,))`` of training items ``indices`` (view 0) from a teacher cache:
+    the outputs training reads (:meth:`distill.cache.store.TeacherCache.lookup`, key ``i * K + v``)."""
+    for start in range(0, len(indices), batch_size):
+        chunk = list(indices[start:start + batch_size])
+        keys = torch.tensor(chunk, dtype=torch.long, device=device) * cache.num_views
+        yield cache.lookup(keys).logits, torch.tensor([targets[i] for i in chunk])
+
+
+@torch.no_grad()
+def summarise(batches: Iterable[Tuple[Tensor, Tensor]], pool: TeacherPool, num_classes: int,
+              device: torch.device) -> Dict[str, Any]:
+    """Return the report (with verdicts) of the ``(logits (M, B, C), labels (B,))`` batches of ``pool``."""
+    stats = PoolStats(len(pool), num_classes, device)
+    for logits, y in batches:
         stats.update(logits, y)
-    if stats is None:
+    if not stats.count:
         from .errors import DistillError
 
         raise DistillError("pool check: the data holds no images")
@@ -207,11 +236,13 @@ def measure_pool(pool: TeacherPool, loader, device: torch.device, dtype: Optiona
 
 def pre_training_check(pool: TeacherPool, train_set, batch_size: int, device: torch.device,
                        dtype: Optional[torch.dtype], channels_last: bool, num_classes: int, mode: str,
-                       say: Callable[[str], None]) -> Optional[Dict[str, Any]]:
-    """Run the cheap check before training (``run.pool_check``): the pool on a class-balanced slice of the
-    training data (max(:data:`PRECHECK_BATCHES` batches, 5 images per class)); warn through ``say`` about a
-    teacher at or below chance or with another class order; ``strict``: raise DistillError instead.
-    The global RNGs are left as they were. Returns the report (None when ``mode`` is off or no teachers)."""
+                       say: Callable[[str], None], cache: Any = None) -> Optional[Dict[str, Any]]:
+    """Run the cheap check before training (``run.pool_check``) and return its report (None when ``mode``
+    is off or the pool is empty): the teachers on a class-balanced slice of the training data
+    (max(:data:`PRECHECK_BATCHES` batches, 5 images per class)), run live as training runs them or,
+    with a teacher ``cache``, read from it as training reads them. Warns through ``say`` about a
+    teacher significantly below chance (:func:`below_chance`) or with another class order;
+    ``strict`` raises DistillError instead. The global RNGs are left as they were."""
     from .data import LabeledSubset, balanced_subset, build_loader, dataset_targets
     from .errors import DistillError
 
@@ -219,23 +250,25 @@ def pre_training_check(pool: TeacherPool, train_set, batch_size: int, device: to
         return None
     started = time.perf_counter()
     n = min(len(train_set), max(PRECHECK_BATCHES * batch_size, MIN_IMAGES_PER_CLASS * num_classes))
-    subset = LabeledSubset(train_set, balanced_subset(dataset_targets(train_set), n))
-    loader = build_loader(subset, batch_size, False, 0, 0)
-    py_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        report = measure_pool(pool, loader, device, dtype, channels_last, num_classes=num_classes)
-    random.setstate(py_state)
+    targets = dataset_targets(train_set)
+    indices = balanced_subset(targets, n)
+    if cache is not None:
+        report = summarise(cached_batches(cache, indices, targets, batch_size, device), pool, num_classes, device)
+    else:
+        loader = build_loader(LabeledSubset(train_set, indices), batch_size, False, 0, 0)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            report = summarise(pool_batches(pool, loader, device, dtype, channels_last), pool, num_classes, device)
+        random.setstate(py_state)
+    report["seconds"] = time.perf_counter() - started
     problems = [f"teacher {t['name']}: {t['reason']}" for t in report["teachers"]
-                if t["permutation"]["found"] or t["top1"] <= report["chance"]]
-    seconds = time.perf_counter() - started
-    report["seconds"] = seconds
+                if t["permutation"]["found"] or below_chance(t["top1"], report["chance"], report["images"])]
+    where = f"on {report['images']} training images{' (teacher cache)' if cache is not None else ''}; " \
+            "see distill-pool check RECIPE"
     if problems and mode == "strict":
-        raise DistillError(f"run.pool_check=strict: {'; '.join(problems)} (on {report['images']} training images; "
-                           "see distill-pool check RECIPE)")
+        raise DistillError(f"run.pool_check=strict: {'; '.join(problems)} ({where})")
     for line in problems:
-        say(f"pool check: {line} (on {report['images']} training images; see distill-pool check RECIPE)")
-    say(f"pool check: {len(pool)} teachers on {report['images']} training images in {seconds:.2f} s: "
-        + ", ".join(f"{t['name']} {t['top1']:.1f}%" for t in report["teachers"]))
+        say(f"pool check: {line} ({where})")
     return report
 
 
@@ -272,8 +305,9 @@ def check_pool(recipe: Any, split: str = "val", limit: Optional[int] = None, pro
     seed_everything(recipe.seed)  # the training split's augmentation draws from it
     dtype = autocast_dtype(recipe.run.precision, runner.device)
     started = time.perf_counter()
-    report = measure_pool(TeacherPool(teachers), loader, runner.device, dtype, recipe.run.channels_last, progress,
-                          f"pool check ({split})", runner.bundle.num_classes)
+    pool = TeacherPool(teachers)
+    batches = pool_batches(pool, loader, runner.device, dtype, recipe.run.channels_last, progress, f"pool check ({split})")
+    report = summarise(batches, pool, runner.bundle.num_classes, runner.device)
     precision = "fp32" if dtype is None else str(dtype).replace("torch.", "")
     return {"recipe": recipe.name, "dataset": recipe.data.dataset, "split": split, "device": str(runner.device),
             "precision": precision, "seconds": time.perf_counter() - started, **report,
