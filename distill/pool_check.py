@@ -207,7 +207,8 @@ def pool_batches(pool: TeacherPool, loader, device: torch.device, dtype: Optiona
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
-            yield pool(x).logits, y
+            logits = pool(x).logits
+        yield logits, y  # outside autocast: the statistics are computed in float32
 
 
 def cached_batches(cache: Any, indices: Sequence[int], targets: Sequence[int], batch_size: int,

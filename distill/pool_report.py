@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -89,8 +90,9 @@ def write_figure(report: Dict[str, Any], path: Path) -> Path:
     handles, names = ax_b.get_legend_handles_labels()
     unique = dict(zip(names, handles))
     ax_b.legend(unique.values(), unique.keys(), fontsize=7, loc="upper right")
-    fig.text(0.01, 0.01, "  ".join(f"#{i} {t['name']}" for i, t in enumerate(teachers))[:160], fontsize=7)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    legend = textwrap.wrap("   ".join(f"#{i} {t['name']}" for i, t in enumerate(teachers)), 170)
+    fig.text(0.01, 0.01, "\n".join(legend), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.035 * (len(legend) + 0.5), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
