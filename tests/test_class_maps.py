@@ -125,3 +125,29 @@ def test_distill_train_with_strict_pool_check_refuses_before_training(cifar10_jp
     assert code == 2
     assert err[-1].startswith("error: run.pool_check=strict: teacher 0:") and "classes: [3, 4, 5" in err[-1]
     assert not (tmp_path / "run" / "last.json").exists()
+
+
+@needs_weights
+def test_pre_training_check_reads_a_teacher_cache_as_training_does(cifar10_jpeg_root, tmp_path, monkeypatch):
+    from distill.cache.recipes import training_cache
+
+    shifted = shifted_weights_file(tmp_path / "shift3.safetensors")
+    raw = recipe_dict(cifar10_jpeg_root, [SPEC, {"model": SPEC, "weights": str(shifted)}], teacher_cache="auto")
+    raw["data"].update(train_subset=100, augment="none", fixed_views=1)
+    recipe = recipe_from_dict(raw)
+    runner = RecipeRunner(recipe)
+    pool = TeacherPool([runner.prepare_teacher(i, cfg) for i, cfg in enumerate(teacher_configs(recipe))])
+    cpu = torch.device("cpu")
+    cache = training_cache(recipe, runner.bundle, pool, cpu, None)
+    live_said, cached_said, calls = [], [], []
+    live = pre_training_check(pool, runner.bundle.train, 32, cpu, None, False, 10, "warn", live_said.append)
+    original = TeacherPool.forward
+    monkeypatch.setattr(TeacherPool, "forward", lambda self, x: calls.append(x.shape[0]) or original(self, x))
+    cached = pre_training_check(pool, runner.bundle.train, 32, cpu, None, False, 10, "warn", cached_said.append,
+                                cache=cache)
+    assert calls == []  # the outputs came from the cache
+    assert live["images"] == cached["images"] == 100  # max(4 x 32, 5 x 10) capped at the 100 training images
+    for a, b in zip(live["teachers"], cached["teachers"]):  # fp16 top-k storage: ties aside, the same top-1
+        assert abs(a["top1"] - b["top1"]) <= 1.0
+    assert cached["teachers"][1]["permutation"]["classes"] == [3, 4, 5, 6, 7, 8, 9, 0, 1, 2]
+    assert len(cached_said) == 1 and "(teacher cache)" in cached_said[0] and "teacher 1:" in cached_said[0]
