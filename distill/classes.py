@@ -34,5 +34,6 @@ def fit_class_count(model: nn.Module, num_classes: int, who: str, dataset: str, 
     if trained_here and weights_file is None:
         model.reset_classifier(num_classes)
         return
-    hint = "; add train: {epochs: N} to fine-tune it on this dataset" if who.startswith("teachers") else ""
+    hint = ("; add train: {epochs: N} to fine-tune it on this dataset, or map its outputs to the data's classes "
+            "with classes: (names or an index list)") if who.startswith("teachers") else ""
     raise DistillError(f"{what}: predicts {have} classes but dataset {dataset} has {num_classes}{hint}")

@@ -1,5 +1,5 @@
 """Command line: ``distill-train``, ``distill-eval``, ``distill-zoo``, ``distill-plot``,
-``distill-push``, ``distill-cache`` (also ``python -m distill.cli {train,eval,zoo,plot,push,cache} ...``).
+``distill-push``, ``distill-cache``, ``distill-pool`` (also ``python -m distill.cli {train,eval,...,pool} ...``).
 
 User errors (bad recipe, unknown model, missing data, corrupt file) print one line
 ``error: ...`` and exit with code 2, without a traceback.
@@ -239,6 +239,50 @@ def _push(argv: List[str]) -> int:
     return 0
 
 
+POOL_CHECK_HELP = "run every teacher as training runs it on the recipe's data and report on the pool"
+
+
+def _pool(argv: List[str]) -> int:
+    return run_subcommand("distill-pool", "Know a recipe's teacher pool before training.",
+                          {"check": (POOL_CHECK_HELP, _pool_check)}, argv)
+
+
+def _pool_check(argv: List[str]) -> int:
+    check = CommandParser(
+        prog="distill-pool check",
+        description="Run every teacher as training runs it (input adaptation, resolution, normalisation, "
+                    "precision) on the recipe's data; print per-teacher accuracy, calibration, class-order "
+                    "findings and verdicts, the pool's agreement and ensembles; write pool_report.json and "
+                    "pool_report.png.")
+    check.add_argument("recipe", help="recipe YAML file")
+    check.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. data.root=/data/cifar10")
+    check.add_argument("--split", choices=("train", "val"), default="val",
+                       help="val: the test images (default); train: the training images as training loads them")
+    check.add_argument("--limit", type=int, help="check a class-balanced subset of N images")
+    check.add_argument("--output-dir", help="where to write the report (default: <run dir>/pool_check)")
+    _add_offline(check)
+    args = check.parse_intermixed_args(argv)
+
+    from pathlib import Path
+
+    from .errors import DistillError
+    from .fetch import offline
+    from .pool_check import check_pool
+    from .pool_report import format_table, write_report
+    from .recipe_load import load_recipe
+
+    if args.limit is not None and args.limit < 1:
+        raise DistillError(f"--limit: must be >= 1, got {args.limit}")
+    recipe = load_recipe(args.recipe, list(args.overrides) + (["data.download=false"] if args.offline else []))
+    with offline(args.offline):
+        report = check_pool(recipe, args.split, args.limit, progress=recipe.run.progress and sys.stderr.isatty())
+    out_dir = Path(args.output_dir) if args.output_dir else recipe.run_dir / "pool_check"
+    json_path, figure = write_report(report, out_dir)
+    print(format_table(report))
+    print(f"report: {json_path}\nfigure: {figure}")
+    return 0
+
+
 def _cache(argv: List[str]) -> int:
     from .cache.cli import main as cache_cli
 
@@ -251,6 +295,7 @@ zoo_main = _guarded(_zoo)
 plot_main = _guarded(_plot)
 push_main = _guarded(_push)
 cache_main = _guarded(_cache)
+pool_main = _guarded(_pool)
 
 _COMMANDS = {
     "train": ("distil a student from a pool of teachers as a recipe says (distill-train)", train_main),
@@ -259,6 +304,7 @@ _COMMANDS = {
     "plot": ("draw a run's teacher weights and val top-1 per epoch (distill-plot)", plot_main),
     "push": ("share a run's distilled student on the Hugging Face Hub (distill-push)", push_main),
     "cache": ("build or describe a teacher-output cache (distill-cache)", cache_main),
+    "pool": ("check a recipe's teacher pool on its data before training (distill-pool)", pool_main),
 }
 
 
@@ -267,7 +313,7 @@ def _module_main(argv: List[str]) -> int:
 
 
 main = _guarded(_module_main)
-main.__doc__ = """``python -m distill.cli {train,eval,zoo,plot,push,cache} ...``; returns the exit code."""
+main.__doc__ = """``python -m distill.cli {train,eval,zoo,plot,push,cache,pool} ...``; returns the exit code."""
 
 
 if __name__ == "__main__":

@@ -102,8 +102,9 @@ def _resolve(cfg, where: str, num_classes: int, in_chans: int, offline: bool, da
     if trained_here:  # trained on the recipe's data first: it sees the data as is
         resolved.data = data
         note = f"trained here ({cfg.train.epochs} epochs) from {note}"
-    fit_class_count(resolved.model, num_classes, where.rsplit(".", 1)[0], dataset,
-                    trained_here=trained_here or where == "student.model", weights_file=cfg.weights)
+    if getattr(cfg, "classes", None) is None:  # a teacher's class map checks its own columns
+        fit_class_count(resolved.model, num_classes, where.rsplit(".", 1)[0], dataset,
+                        trained_here=trained_here or where == "student.model", weights_file=cfg.weights)
     if cfg.weights and not trained_here and where != "student.model":  # a frozen teacher: whose mean/std
         mean_from = "the recipe" if getattr(cfg, "mean", None) is not None else \
             f"the file's config ({resolved.source.get('data_config', 'its distill metadata')})" \
@@ -186,7 +187,13 @@ def dry_run(recipe: Recipe, offline: bool = False, say: Callable[[str], None] = 
             where = f"teachers[{i}].model"
             resolved, note = _resolve(cfg, where, num_classes, data.input_size[0], offline, data,
                                       cfg.train is not None, recipe.data.dataset)
-            teacher = make_teacher(f"{i}:{label(cfg.model, cfg.weights)}", cfg, resolved, data, tap)
+            if isinstance(cfg.classes, list) and all(isinstance(v, int) for v in cfg.classes) or cfg.classes is None:
+                built = cfg
+            else:  # label names need the data's class names: the first C columns stand in for the shapes
+                built = dataclasses.replace(cfg, classes=list(range(num_classes)))
+                note += "; classes: label names matched to the data's classes at run time (not checked here)"
+            teacher = make_teacher(f"{i}:{label(cfg.model, cfg.weights)}", built, resolved, data, tap,
+                                   num_classes=num_classes, where=f"teachers[{i}]")
             teachers.append(teacher)
             report.teachers.append({"name": teacher.name, "params": count_params(resolved.model), "note": note,
                                     "size": teacher.adapter.size or tuple(data.input_size[1:]),

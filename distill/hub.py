@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from .classmap import classes_line
 from .errors import DistillError
 from .fileio import read_json
 
@@ -136,7 +137,14 @@ def _pct(value: Optional[float]) -> str:
 
 
 def _describe_source(source: Dict[str, Any]) -> str:
-    """Return where a teacher's weights came from, in Markdown (no local directory names)."""
+    """Return where a teacher's weights came from, in Markdown (no local directory names), with its class map."""
+    where = _weights_origin(source)
+    if source.get("classes") is not None:
+        where += f"; outputs mapped to the data's classes (`{classes_line(source['classes'])}`)"
+    return where
+
+
+def _weights_origin(source: Dict[str, Any]) -> str:
     spec = source.get("spec", "?")
     if source.get("trained_in"):
         return f"`{spec}`, trained in this run (`{source['trained_in']}`)"

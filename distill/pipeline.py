@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
 from .data import DataBundle, build_data, build_loader, build_mixup, eval_sampler, train_sampler
 from . import distributed
 from .classes import fit_class_count
+from .classmap import resolve_class_map
 from .build import build_distiller
 from .engine import Trainer, TrainResult, autocast_dtype, evaluate, resolve_device, seed_everything
 from .errors import DistillError
@@ -53,6 +55,12 @@ class RunReport:
         return "\n".join(lines)
 
 
+def _say(message: str) -> None:
+    """Print a run message to stderr (rank 0 only under torchrun)."""
+    if distributed.is_main():
+        print(message, file=sys.stderr, flush=True)
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -84,18 +92,24 @@ def teacher_input_size(cfg: TeacherConfig, resolved_data: Optional[DataSpec], da
     return None
 
 
-def make_teacher(name: str, cfg: TeacherConfig, resolved: ResolvedModel, data: DataSpec, tap: FeatureTap) -> Teacher:
-    """Return the frozen :class:`Teacher` of a resolved model with its input adapter.
+def make_teacher(name: str, cfg: TeacherConfig, resolved: ResolvedModel, data: DataSpec, tap: FeatureTap,
+                 class_names: Optional[Sequence[str]] = None, num_classes: Optional[int] = None,
+                 where: str = "teachers") -> Teacher:
+    """Return the frozen :class:`Teacher` of a resolved model with its input adapter and class map.
 
     Normalisation: ``cfg.mean/std``, else the weights' data config, else the data's.
-    Resolution: :func:`teacher_input_size`.
+    Resolution: :func:`teacher_input_size`. Class map: ``cfg.classes`` resolved against the
+    data's ``class_names`` (:func:`distill.classmap.resolve_class_map`; ``num_classes``
+    defaults to their count).
     """
     spec = resolved.data or data
     mean, std = (cfg.mean, cfg.std) if cfg.mean is not None else (spec.mean, spec.std)
     size = teacher_input_size(cfg, resolved.data, data)
     adapter = InputAdapter(data, mean, std, size)
     input_shape = (data.input_size[0], *((size, size) if size else data.input_size[1:]))
-    return Teacher(name, resolved.model, adapter, tap, input_shape)
+    count = num_classes if num_classes is not None else len(class_names or ())
+    index = resolve_class_map(cfg.classes, resolved.model, class_names, count, f"{where}.classes")
+    return Teacher(name, resolved.model, adapter, tap, input_shape, index)
 
 
 def _data_spec(bundle: DataBundle) -> DataSpec:
@@ -123,8 +137,9 @@ class RecipeRunner:
         resolved = resolve_model(cfg.model, pretrained=cfg.pretrained, weights=cfg.weights,
                                  num_classes=self.bundle.num_classes, in_chans=self.bundle.input_size[0],
                                  model_args=cfg.model_args, where=where, new_keys=cfg.new_keys)
-        fit_class_count(resolved.model, self.bundle.num_classes, where.rsplit(".", 1)[0], self.recipe.data.dataset,
-                        trained_here=fit_head, weights_file=cfg.weights)
+        if getattr(cfg, "classes", None) is None:  # a class map checks its own columns (make_teacher)
+            fit_class_count(resolved.model, self.bundle.num_classes, where.rsplit(".", 1)[0],
+                            self.recipe.data.dataset, trained_here=fit_head, weights_file=cfg.weights)
         return resolved
 
     def _train_alone(self, resolved: ResolvedModel, run_dir: Path, optim, schedule, seed: int, label: str,
@@ -143,7 +158,7 @@ class RecipeRunner:
         name = f"{index}:{label(cfg.model, cfg.weights)}"
         seed = self.recipe.seed + 1000 * (index + 1)
         if cfg.train is not None:
-            tdir = self.run_dir / "teachers" / f"{index}-{_safe(cfg.model)}"
+            tdir = self.teacher_dir(index, cfg)
             identity = {"model": cfg.model, "pretrained": cfg.pretrained, "weights": cfg.weights,
                         "train": asdict(cfg.train), "data": asdict(self.recipe.data)}
             if not self._finished(tdir, cfg.train.epochs):
@@ -158,11 +173,21 @@ class RecipeRunner:
         else:
             seed_everything(seed)  # a randomly initialised teacher is the same in every run of the recipe
             resolved = self._resolve(cfg, f"{where}.model", fit_head=False)
-        teacher = make_teacher(name, cfg, resolved, self.data_spec, self.tap)
+        teacher = make_teacher(name, cfg, resolved, self.data_spec, self.tap, self.bundle.class_names, where=where)
         teacher.source = dict(resolved.source, name=name)
+        if teacher.class_map is not None:  # provenance: the outputs the student saw were mapped
+            teacher.source["classes"] = teacher.class_map
         if "sha256" not in teacher.source:  # random init: hash the weights as built
             teacher.source["sha256"] = content_hash(resolved.model)
         return teacher
+
+    def teacher_dir(self, index: int, cfg: TeacherConfig) -> Path:
+        """Return the folder where teacher ``index`` is trained (``train:``) and cached."""
+        return self.run_dir / "teachers" / f"{index}-{_safe(cfg.model)}"
+
+    def teacher_ready(self, index: int, cfg: TeacherConfig) -> bool:
+        """Return True when :meth:`prepare_teacher` builds teacher ``index`` without training it."""
+        return cfg.train is None or self._finished(self.teacher_dir(index, cfg), cfg.train.epochs)
 
     @staticmethod
     def _finished(run_dir: Path, epochs: int) -> bool:
@@ -181,7 +206,7 @@ class RecipeRunner:
     def evaluate_teacher(self, teacher: Teacher) -> Dict[str, float]:
         """Return the teacher's test metrics through its own input adapter."""
         teacher.to(self.device)
-        return evaluate(lambda x: teacher.model(teacher.adapter(x)), self.val_loader, self.device)
+        return evaluate(teacher.logits, self.val_loader, self.device)
 
     # -- the run ----------------------------------------------------------------
 
@@ -209,6 +234,13 @@ class RecipeRunner:
             distiller.teacher_cache = training_cache(recipe, self.bundle, pool, self.device,
                                                      autocast_dtype(recipe.run.precision, self.device))
             self.train_loader = cached_train_loader(recipe, self.bundle.train, distiller.teacher_cache)
+        if recipe.run.pool_check != "off" and len(pool):  # cheap: top-1 on a few training batches (live or cached)
+            from .pool_check import pre_training_check
+
+            pre_training_check(pool, self.bundle.train, distributed.local_batch_size(recipe.data.batch_size),
+                               self.device, autocast_dtype(recipe.run.precision, self.device),
+                               recipe.run.channels_last, self.bundle.num_classes, recipe.run.pool_check, _say,
+                               cache=distiller.teacher_cache)
         identity = {"student": recipe.student.model, "teachers": [t.source for t in teachers],
                     "distill": asdict(recipe.distill)}  # the loss and the policy with its arguments
         trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, student.arch,

@@ -138,6 +138,7 @@ class TeacherConfig(ModelConfig):
     input_size: Optional[int] = None  # resize the batch to this square size for this teacher
     mean: Optional[List[float]] = None  # override the teacher's normalisation
     std: Optional[List[float]] = None
+    classes: Any = None  # map the teacher's outputs into the data's classes: an index list (student class i reads output column classes[i]), a list of its label names in output order, names (label names from its config) or {names_file: PATH} (one label a line); see above
 
 
 @dataclass
@@ -179,6 +180,7 @@ class RunConfig:
     teacher_top_k: Optional[int] = None  # teacher_cache: logits kept per teacher and view (default: all classes)
     teacher_cache_view_seed: Optional[int] = None  # teacher_cache: seed of the stored views (default: seed); runs differing only in seed then share one cache
     sync_bn: bool = False  # under torchrun (CUDA): SyncBatchNorm in the student (default: per-rank BN statistics)
+    pool_check: Literal["off", "warn", "strict"] = "warn"  # before training: each teacher's top-1 on a few training batches; warn (strict: refuse) on a teacher below chance or with another class order
 
 
 @dataclass

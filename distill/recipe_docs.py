@@ -52,6 +52,25 @@ With `data.mixup` / `data.cutmix` / `data.label_smoothing` the training targets 
 `(B, C)` (timm `Mixup`, applied per batch in the training loop; teachers see the mixed
 images); the student CE, the teachers' CE (a policy signal) and the policies use them.
 
+A teacher whose classifier uses another class order or another label set is mapped into
+the data's classes with `teachers[i].classes` (student class `i` reads the teacher's output
+column `classes[i]`; everything downstream, signals, policies, the teacher cache key and the
+model card, sees the C mapped classes). One of:
+
+```yaml
+classes: [3, 4, 5, 6, 7, 8, 9, 0, 1, 2]      # index list: a permutation, subset or superset
+classes: [airplane, automobile, bird, ...]   # the teacher's label names, in its output order
+classes: names                               # its label names from its config (timm / Hub label_names)
+classes: {names_file: imagenet_labels.txt}   # its label names, one a line (line k: output column k)
+```
+
+Names are matched to the data's class names (ImageFolder folder names; the dataset's class
+names) ignoring case and `_` / `-` / spaces; a class no label matches is one error naming it.
+`distill-pool check RECIPE` runs every teacher as training runs it and reports accuracy,
+calibration, agreement and a class-order mismatch, with the `classes:` line that fixes it;
+before training, `run.pool_check` runs its cheap part (each teacher's top-1 on a few
+training batches).
+
 This file is generated from `distill/recipe.py` by `python -m distill.recipe_docs`
 (`tests/test_recipes.py` checks that every field is documented here).
 """

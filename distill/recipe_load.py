@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from .classmap import check_classes_value
 from .errors import RecipeError, close_matches
 from .recipe import ModelConfig, Recipe, TeacherConfig, apply_override, from_dict, is_device_name
 
@@ -132,6 +133,10 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
             raise RecipeError(f"{where}.mean", "give both mean and std, or neither")
         if teacher.train is not None and teacher.train.epochs < 1:
             raise RecipeError(f"{where}.train.epochs", f"must be >= 1, got {teacher.train.epochs}")
+        check_classes_value(teacher.classes, f"{where}.classes")
+        if teacher.classes is not None and teacher.train is not None:
+            raise RecipeError(f"{where}.classes", "a teacher trained here gets a head for the data's classes; "
+                                                  "drop classes: or train:")
 
     d = recipe.distill
     LOSSES.get(d.logit_loss, "distill.logit_loss")

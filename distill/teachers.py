@@ -43,15 +43,35 @@ class InputAdapter(nn.Module):
 
 
 class Teacher(nn.Module):
-    """One frozen teacher: input adapter + tapped model, always in eval mode."""
+    """One frozen teacher: input adapter + tapped model, always in eval mode.
+
+    ``class_index`` (a class map, :mod:`distill.classmap`): student class ``i`` reads the
+    model's output column ``class_index[i]``; every logit the teacher gives (pool outputs,
+    :meth:`head`, :meth:`logits`) is mapped, so everything downstream sees C student classes.
+    """
 
     def __init__(self, name: str, model: nn.Module, adapter: InputAdapter, tap: FeatureTap,
-                 input_shape: Sequence[int]):
+                 input_shape: Sequence[int], class_index: Optional[Sequence[int]] = None):
         super().__init__()
         self.name = name
         self.adapter = adapter
         model.requires_grad_(False)
         self.tapped = TappedModel(model.eval(), tap, tuple(input_shape))
+        self.class_map = None if class_index is None else [int(i) for i in class_index]
+        index = None if class_index is None else torch.tensor(self.class_map, dtype=torch.long)
+        self.register_buffer("class_index", index, persistent=False)
+
+    def map_logits(self, logits: Tensor) -> Tensor:
+        """Return the model's logits ``(B, K)`` in the student's classes ``(B, C)`` (unchanged without a map)."""
+        return logits if self.class_index is None else logits.index_select(-1, self.class_index)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Return the teacher's (mapped) logits ``(B, C)`` for a batch normalised for the data."""
+        return self.map_logits(self.model(self.adapter(x)))
+
+    def head(self, feature: Tensor) -> Tensor:
+        """Return the (mapped) logits ``(B, C)`` of the model's own head on ``feature`` (:meth:`TappedModel.head`)."""
+        return self.map_logits(self.tapped.head(feature))
 
     @property
     def model(self) -> nn.Module:
@@ -79,9 +99,9 @@ class TeacherPool(nn.Module):
         return [t.name for t in self.teachers]
 
     def heads(self) -> List[Callable[[Tensor], Tensor]]:
-        """Return each teacher's ``head(feature) -> logits (B, C)`` (:meth:`TappedModel.head`,
-        no grad), in pool order; they read the teacher models, so they hold with a teacher cache."""
-        return [t.tapped.head for t in self.teachers]
+        """Return each teacher's ``head(feature) -> logits (B, C)`` (:meth:`Teacher.head`: class map
+        applied, no grad), in pool order; they read the teacher models, so they hold with a teacher cache."""
+        return [t.head for t in self.teachers]
 
     def train(self, mode: bool = True) -> "TeacherPool":
         """The pool stays in eval mode whatever the caller asks."""
@@ -104,7 +124,7 @@ class TeacherPool(nn.Module):
         """
         with torch.inference_mode():
             outs = [t.tapped(t.adapter(x)) for t in self.teachers]
-        logits = torch.stack([o.logits for o in outs])
+        logits = torch.stack([t.map_logits(o.logits) for t, o in zip(self.teachers, outs)])
         features, embeddings = [], []
         for o in outs:
             feature = o.feature.clone()

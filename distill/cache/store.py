@@ -107,7 +107,7 @@ def dataset_fingerprint(dataset: Dataset) -> Dict[str, Any]:
 
 
 def teacher_spec(pool: TeacherPool) -> List[Dict[str, Any]]:
-    """Return, per teacher, the name, weights hash, input adapter and tap that its outputs depend on."""
+    """Return, per teacher, the name, weights hash, input adapter, tap and class map that its outputs depend on."""
     specs = []
     for teacher in pool.teachers:
         adapter = teacher.adapter
@@ -116,6 +116,8 @@ def teacher_spec(pool: TeacherPool) -> List[Dict[str, Any]]:
                       "adapter": {"scale": [round(v, 7) for v in adapter.scale.flatten().tolist()],
                                   "shift": [round(v, 7) for v in adapter.shift.flatten().tolist()],
                                   "renormalise": adapter.renormalise, "size": adapter.size}})
+        if teacher.class_map is not None:  # mapped outputs are other outputs (unmapped keys are unchanged)
+            specs[-1]["classes"] = list(teacher.class_map)
     return specs
 
 
