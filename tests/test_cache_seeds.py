@@ -18,7 +18,7 @@ def teacher_weights(tmp_path):
     """A fixed teacher (the key hashes the teachers' weights: random-init teachers would differ by seed)."""
     from safetensors.torch import save_file
 
-    from distill.registry import resolve_model
+    from distill.resolve import resolve_model
 
     torch.manual_seed(0)
     model = resolve_model("cifar_resnet8", num_classes=10, in_chans=1).model

@@ -30,7 +30,7 @@ needs_weights = pytest.mark.skipif(not RESNET56.is_file(), reason=f"shared weigh
 
 def published_resnet56():
     """Return the ResNet-56 with the shared weights (pre-filled download cache, as offline)."""
-    from distill.registry import resolve_model
+    from distill.resolve import resolve_model
 
     weights_dir().mkdir(parents=True, exist_ok=True)
     shutil.copy(RESNET56, weights_dir())
