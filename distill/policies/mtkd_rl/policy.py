@@ -5,7 +5,6 @@ See the package docstring (:mod:`distill.policies.mtkd_rl`) for every equation a
 
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,13 +22,10 @@ from .args import BUFFER_DTYPES, VARIANT_DEFAULTS, check_mtkd_args
 from .agent import MTKDAgent, build_state, kl_divergence, level_loss, optimiser_step
 from .buffer import EpisodeBuffer, to_host
 from .heldout import HeldoutGradient
+from .metrics import epoch_summary, new_metrics
 from . import rewards as R
 
 _EXTRA_VERSION = 3  # 3: align episodes carry the acting policy's log pi
-
-
-def _mean(total: Any, count: int) -> Any:
-    return total / count if count else math.nan
 
 
 @register_policy
@@ -339,8 +335,7 @@ class MTKDRLPolicy(WeightingPolicy):
 
     def _reset_metrics(self) -> None:
         # name -> [sum, count]; sums may be device tensors (no host sync per step)
-        self._metrics: Dict[str, List[Any]] = {k: [0.0, 0] for k in (
-            "loss", "updates", "reward", "episodes", "gen", "reward_teacher", "entropy", "kl", "trust_stops")}
+        self._metrics = new_metrics()
 
     def _add(self, key: str, value: Any, count: int) -> None:
         total = self._metrics[key]
@@ -355,34 +350,7 @@ class MTKDRLPolicy(WeightingPolicy):
     def end_epoch(self, epoch: int) -> Dict[str, float]:
         """Update the agent on the epoch's episodes; return the epoch's agent metrics."""
         self._update()
-        m = self._metrics
-        updates = int(m["updates"][0])
-        out: Dict[str, float] = {"agent_loss": float(m["loss"][0]) / updates if updates else math.nan,
-                                 "reward": float(_mean(m["reward"][0], m["reward"][1])),
-                                 "agent_updates": float(updates), "episodes": float(m["episodes"][0])}
-        if self.agent is not None:
-            out["agent_param_norm"] = self.agent.parameter_norm()
-        levels = ("logit", "feat")
-        if m["gen"][1]:
-            gen = (m["gen"][0] / m["gen"][1]).cpu()
-            for m_ in range(self.num_teachers):
-                out.update({f"g_{lv}/{m_}": gen[j, m_].item() for j, lv in enumerate(levels)})
-        if self.variant == "align":
-            if m["reward_teacher"][1]:
-                per = (m["reward_teacher"][0] / m["reward_teacher"][1]).cpu()
-                for m_ in range(self.num_teachers):
-                    out.update({f"reward_{lv}/{m_}": per[j, m_].item() for j, lv in enumerate(levels)})
-            if m["entropy"][1]:
-                ent = (m["entropy"][0] / m["entropy"][1]).cpu()
-                out.update({f"entropy_{lv}": ent[j].item() for j, lv in enumerate(levels)})
-            out["trust_kl"] = float(m["kl"][0]) if m["kl"][1] else math.nan
-            out["trust_stops"] = float(m["trust_stops"][0])
-        if self.agent is not None and self.agent.learnable_gammas:
-            gam = self.agent.gammas().detach().cpu()
-            for level, label in enumerate(levels):
-                for j, part in enumerate(("gen", "conf", "div")):
-                    out[f"gamma_{label}_{part}"] = gam[level, j].item()
-        return out
+        return epoch_summary(self._metrics, self.agent, self.variant, self.num_teachers)
 
     # -- checkpoint ---------------------------------------------------------------
 
