@@ -15,9 +15,9 @@ speed hit all variants alike. Reported: the median over ``--steps`` rounds after
     (the teachers' forward then returns features too: ``forward_features`` +
     ``forward_head``, the same FLOPs as ``model(x)``).
 ``aver``, ``camkd``, ``mtkd_rl``, ``mixture`` (and any extra ``--variants``): the step
-    ``engine.Trainer`` runs, built by the trainer's builder (``distill.build.build_distiller``,
-    SGD with momentum 0.9 as the bound, fp32) and run by the same call,
-    ``Distiller.train_step(x, y)`` (forward, backward, optimiser step, ``policy.observe``),
+    ``engine.Trainer`` runs, built by the trainer's builder (``distill.build.build_train_step``,
+    SGD with momentum 0.9 as the bound, fp32) and run by the same call, ``step(x, y)``
+    (``distill.step.TrainStep``: forward, backward, optimiser step, ``policy.observe``),
     followed by the Trainer's per-step meter update (``EpochMeter.update``). MTKD-RL runs as after its warm-up epoch
     (the agent produces the weights and every step is recorded); its end-of-epoch agent update
     (one agent optimiser step per recorded batch) is timed after the rounds and reported per
@@ -60,7 +60,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -76,12 +75,12 @@ import timm  # noqa: E402
 import zoo  # noqa: E402,F401  (registers the zoo models)
 import lower_bound  # noqa: E402  (benchmarks/lower_bound.py)
 from zoo.pools import get_pool  # noqa: E402
-from distill.build import build_distiller  # noqa: E402
-from distill.distiller import Distiller  # noqa: E402
+from distill.build import build_train_step  # noqa: E402
 from distill.engine import EpochMeter  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
 from distill.recipe import DistillConfig, OptimConfig, RunConfig  # noqa: E402
 from distill.registry import DataSpec  # noqa: E402
+from distill.step import TrainStep, saved_activation_bytes  # noqa: E402
 from distill.taps import parse_feature_tap  # noqa: E402
 from distill.teachers import InputAdapter, Teacher  # noqa: E402
 
@@ -147,9 +146,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Step:
     """One variant: ``run(x, y)`` is one full training step."""
 
-    def __init__(self, name: str, run: Callable, module: nn.Module, optimizer, distiller=None, meter=None):
+    def __init__(self, name: str, run: Callable, module: nn.Module, optimizer, train: TrainStep = None,
+                 meter: EpochMeter = None):
         self.name, self.run, self.module, self.optimizer = name, run, module, optimizer
-        self.distiller, self.meter = distiller, meter
+        self.train, self.meter = train, meter  # the toolkit's TrainStep and the trainer's meter (policy variants)
 
 
 def build(args: argparse.Namespace, names: List[str]):
@@ -180,15 +180,15 @@ def build(args: argparse.Namespace, names: List[str]):
                 teachers = [Teacher(f"{i}:{n}", m, InputAdapter(spec, spec.mean, spec.std), tap, spec.input_size)
                             for i, (n, m) in enumerate(zip(args.teachers, models))]
             policy_name, policy_args = POLICY_VARIANTS[name]
-            d = build_distiller(student, teachers, tap, spec.input_size,
-                                DistillConfig(alpha=ALPHA, beta=BETA, temperature=T, policy=policy_name,
-                                              policy_args=dict(policy_args)),
-                                OptimConfig(name="sgd", lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0),
-                                RunConfig(device=str(device), precision="fp32"), device, wrap_ddp=False)
-            d.trainable.train()
-            d.policy.begin_epoch(1)  # after the warm-up epoch: MTKD-RL's agent drives the weights
-            meter = EpochMeter(device, len(d.pool))
-            steps[name] = Step(name, _distiller_step(d, meter), d.trainable, d.optimizer, d, meter)
+            train = build_train_step(student, teachers, tap, spec.input_size,
+                                     DistillConfig(alpha=ALPHA, beta=BETA, temperature=T, policy=policy_name,
+                                                   policy_args=dict(policy_args)),
+                                     OptimConfig(name="sgd", lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0),
+                                     RunConfig(device=str(device), precision="fp32"), device, wrap_ddp=False)
+            train.trainable.train()
+            train.task.policy.begin_epoch(1)  # after the warm-up epoch: MTKD-RL's agent drives the weights
+            meter = EpochMeter(device, len(train.task.pool))
+            steps[name] = Step(name, _trainer_batch(train, meter), train.trainable, train.optimizer, train, meter)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(args.batch, *spec.input_size, generator=g).to(device)
     y = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
@@ -216,9 +216,9 @@ def _bound_kd_step(models, student, projectors, opt):
     return run
 
 
-def _distiller_step(d: Distiller, meter: EpochMeter):
+def _trainer_batch(train: TrainStep, meter: EpochMeter):
     def run(x, y):
-        meter.update(d.train_step(x, y), y)  # what Trainer._train_epoch does per batch
+        meter.update(train(x, y), y)  # what the Trainer does per batch
     return run
 
 
@@ -232,27 +232,15 @@ def sync(device: torch.device) -> None:
 
 def saved_bytes(step: Step, x, y) -> int:
     """Return the bytes of distinct non-parameter storages autograd saves during one step."""
-    params = {p.untyped_storage().data_ptr() for p in step.module.parameters()}
-    seen: Dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in params:
-            seen[ptr] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step.run(x, y)
-    return sum(seen.values())
+    return saved_activation_bytes(lambda: step.run(x, y), step.module.parameters())[1]
 
 
 def agent_update_ms(step: Step, device: torch.device) -> Tuple[float, float, float]:
     """Return (epoch-end agent update wall ms and CPU ms per recorded batch, buffer host bytes per recorded batch)."""
     nan = float("nan")
-    if step.distiller is None:
+    if step.train is None:
         return nan, nan, nan
-    p = step.distiller.policy
+    p = step.train.task.policy
     p = getattr(p, "inner", None) or p
     if not hasattr(p, "buffer") or not p.buffer.entries:
         return nan, nan, nan
@@ -261,7 +249,7 @@ def agent_update_ms(step: Step, device: torch.device) -> Tuple[float, float, flo
     sync(device)
     start, cpu = time.perf_counter(), time.process_time()
     try:
-        step.distiller.policy.end_epoch(1)
+        step.train.task.policy.end_epoch(1)
     except DistillError:  # the paper objective diverges when replaying one batch; the time is what counts
         pass
     sync(device)
@@ -269,37 +257,43 @@ def agent_update_ms(step: Step, device: torch.device) -> Tuple[float, float, flo
 
 
 def breakdown(steps: Dict[str, Step], x, y, reps: int = 50) -> None:
-    """Print the CPU ms per step of the toolkit's own work outside the models' forward passes."""
+    """Print the CPU ms per step of the toolkit's own work outside the models' forward passes,
+    timed inside ``reps`` real steps (the task's loss head, the policy's observe and the meter
+    update are wrapped with CPU timers on their instances, then unwrapped)."""
     print("\ntoolkit work per step outside the models (CPU ms, mean of "
-          f"{reps}; forward only: the loss head's backward is in the step times):\n")
-    print("(policy.observe = (loss head + observe) - loss head: MTKD-RL observes its own weights() call; "
-          "near 0 it can read slightly negative)\n")
+          f"{reps} real steps; forward only: the loss head's backward is in the step times):\n")
     print("| variant | signals + weights + loss | policy.observe | meter.update |")
     print("|---|---|---|---|")
     for name, step in steps.items():
-        d = step.distiller
-        if d is None:
+        if step.train is None:
             continue
-        teachers, student = d.pool(x), d.trainable(x)
+        task = step.train.task
+        spent = {"head": 0.0, "observe": 0.0, "meter": 0.0}
 
-        def cpu_ms(fn) -> float:
-            fn()
-            start = time.process_time()
+        def timed(owner, attr: str, key: str) -> None:
+            original = getattr(owner, attr)
+
+            def wrapper(*args, **kwargs):
+                start = time.process_time()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    spent[key] += time.process_time() - start
+            setattr(owner, attr, wrapper)
+
+        owners = [(task, "loss_head", "head"), (task.policy, "observe", "observe"), (step.meter, "update", "meter")]
+        for owner, attr, key in owners:
+            timed(owner, attr, key)
+        try:
+            step.run(x, y)  # warm
+            spent.update(head=0.0, observe=0.0, meter=0.0)
             for _ in range(reps):
-                fn()
-            return 1000 * (time.process_time() - start) / reps
-
-        t_head = cpu_ms(lambda: d.loss_head(student, teachers, y))
-        def head_and_observe():  # MTKD-RL (align) observes the weights() call of the same step
-            s, w_, _, _ = d.loss_head(student, teachers, y)
-            d.policy.observe(s, w_, teachers, student, y)
-
-        t_obs = cpu_ms(head_and_observe) - t_head
-        signals, w, per_sample, parts = d.loss_head(student, teachers, y)
-        out = types.SimpleNamespace(per_sample=per_sample, loss=per_sample.mean(), parts=parts,
-                                    logits=student.logits, weights=w, finite=None)
-        t_meter = cpu_ms(lambda: step.meter.update(out, y))
-        print(f"| {name} | {t_head:.2f} | {t_obs:.2f} | {t_meter:.2f} |")
+                step.run(x, y)
+        finally:
+            for owner, attr, _ in owners:
+                delattr(owner, attr)  # the instance wrapper: the class's method again
+        ms = {k: 1000 * v / reps for k, v in spent.items()}
+        print(f"| {name} | {ms['head']:.2f} | {ms['observe']:.2f} | {ms['meter']:.2f} |")
 
 
 def _proc_status_mib(key: str) -> float:

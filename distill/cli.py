@@ -136,10 +136,11 @@ def _eval(argv: List[str]) -> int:
 
     from .classes import fit_class_count
     from .data import DATASETS, build_data, build_loader
-    from .engine import evaluate, resolve_device
+    from .engine import evaluate
     from .fetch import offline
     from .recipe import DataConfig
     from .registry import resolve_model
+    from .runtime import resolve_device
 
     with offline(args.offline):
         resolved = resolve_model(args.spec, pretrained=not args.no_pretrained and args.weights is None,

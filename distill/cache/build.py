@@ -12,7 +12,6 @@ batches are fixed by the shard and view, never by where the build stopped). Rank
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,17 +23,14 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..data import SeededDataset, ignore_interrupts
-from ..engine import autocast
 from ..errors import DistillError
 from ..fileio import read_json, write_text
+from ..runtime import autocast
 from ..teachers import TeacherPool
 from .items import ViewItems, seeded_keys, shard_ranges
 from .store import file_sha256, read_index, save_shard, shard_name
 from .topk import topk_soft_labels
 from .views import PARAMS
-
-
-_TEST_SHARD_DELAY = float(os.environ.get("DISTILL_TEST_SHARD_DELAY", "0") or 0)  # seconds per shard; tests only
 
 
 def _record_path(folder: Path, shard: int) -> Path:
@@ -50,6 +46,14 @@ def shard_done(folder: Path, shard: int) -> bool:
         return json.loads(record.read_text())["sha256"] == file_sha256(path)
     except (OSError, ValueError, KeyError):
         return False
+
+
+def record_shard(folder: Path, shard: int, start: int, stop: int) -> None:
+    """Record shard ``shard`` (images ``[start, stop)``) as finished: its ``.json`` with the file's size and SHA-256."""
+    path = folder / shard_name(shard)
+    write_text(_record_path(folder, shard), json.dumps(
+        {"file": path.name, "start": start, "count": stop - start, "bytes": path.stat().st_size,
+         "sha256": file_sha256(path)}, sort_keys=True))
 
 
 class _ShardBuffer:
@@ -116,15 +120,9 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
                 buffer.put(f"embedding.{m}", rows, view, embedding.half().cpu())
         bar.update(len(keys))
         if view == views - 1 and int(rows[-1]) == buffer.count - 1:  # the shard's last batch
-            path = folder / shard_name(shard)
-            save_shard(path, buffer.tensors)
-            start, stop = ranges[shard]
-            write_text(_record_path(folder, shard), json.dumps(
-                {"file": path.name, "start": start, "count": stop - start, "bytes": path.stat().st_size,
-                 "sha256": file_sha256(path)}, sort_keys=True))
+            save_shard(folder / shard_name(shard), buffer.tensors)
+            record_shard(folder, shard, *ranges[shard])
             buffer = None
-            if _TEST_SHARD_DELAY:  # tests only: slow the build down so a kill lands between shards
-                time.sleep(_TEST_SHARD_DELAY)
     bar.close()
     elapsed = time.perf_counter() - started
     if total and distributed.is_main():
