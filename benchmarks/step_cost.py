@@ -26,15 +26,12 @@ speed hit all variants alike. Reported: the median over ``--steps`` rounds after
 Memory, two measures (``--no-memory`` skips the second):
 
 ``saved MiB``: bytes of the distinct tensor storages autograd saves for backward during one
-    step's forward (``torch.autograd.graph.saved_tensors_hooks``; parameters excluded, they
-    are resident anyway). Deterministic, device-independent: the activation memory a step
-    holds at its peak (just before backward).
-``peak MiB``: each variant alone in a fresh process. CUDA: ``torch.cuda.max_memory_allocated``
-    over the measured steps minus what was allocated before them. CPU (Linux): high-water RSS
-    (``VmHWM``, reset through ``/proc/self/clear_refs`` after the warm-up steps) minus the RSS
-    before the measured steps, with glibc started with ``MALLOC_MMAP_THRESHOLD_=65536`` so
-    freed tensors leave the RSS at once. This includes workspace and transient buffers that
-    ``saved MiB`` does not see, and allocator noise of ~1 MiB.
+    step (``distill.step.saved_activation_bytes``; parameters excluded, they are resident
+    anyway). Deterministic, device-independent: the activation memory a step holds at its peak.
+``peak MiB``: each variant alone in a fresh process, above what was resident before the
+    measured steps (``benchmarks/peak_memory.py``: CUDA allocator peak, CPU high-water RSS).
+    This includes workspace and transient buffers that ``saved MiB`` does not see, and
+    allocator noise of ~1 MiB.
 The MTKD-RL episode buffer also grows by a fixed number of host bytes per recorded batch
 until the epoch-end update empties it (``buffer KiB/step``).
 
@@ -57,7 +54,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,6 +70,7 @@ import timm  # noqa: E402
 
 import zoo  # noqa: E402,F401  (registers the zoo models)
 import lower_bound  # noqa: E402  (benchmarks/lower_bound.py)
+import peak_memory  # noqa: E402  (benchmarks/peak_memory.py)
 from zoo.pools import get_pool  # noqa: E402
 from distill.build import build_train_step  # noqa: E402
 from distill.engine import EpochMeter  # noqa: E402
@@ -258,85 +255,48 @@ def agent_update_ms(step: Step, device: torch.device) -> Tuple[float, float, flo
 
 def breakdown(steps: Dict[str, Step], x, y, reps: int = 50) -> None:
     """Print the CPU ms per step of the toolkit's own work outside the models' forward passes,
-    timed inside ``reps`` real steps (the task's loss head, the policy's observe and the meter
-    update are wrapped with CPU timers on their instances, then unwrapped)."""
-    print("\ntoolkit work per step outside the models (CPU ms, mean of "
-          f"{reps} real steps; forward only: the loss head's backward is in the step times):\n")
-    print("| variant | signals + weights + loss | policy.observe | meter.update |")
-    print("|---|---|---|---|")
-    for name, step in steps.items():
-        if step.train is None:
-            continue
-        task = step.train.task
-        spent = {"head": 0.0, "observe": 0.0, "meter": 0.0}
-
-        def timed(owner, attr: str, key: str) -> None:
-            original = getattr(owner, attr)
-
-            def wrapper(*args, **kwargs):
+    timed inside ``reps`` real steps: the task's loss head, the policy's observe and the meter
+    update get CPU-timing wrappers on their instances, removed afterwards."""
+    print(f"\ntoolkit work per step outside the models (CPU ms, mean of {reps} real steps; forward only: "
+          "the loss head's backward is in the step times):\n")
+    print("| variant | signals + weights + loss | policy.observe | meter.update |\n|---|---|---|---|")
+    for name, step in [(n, s) for n, s in steps.items() if s.train is not None]:
+        spent: Dict[str, float] = {}
+        owners = [(step.train.task, "loss_head"), (step.train.task.policy, "observe"), (step.meter, "update")]
+        for owner, attr in owners:
+            def timed(*args, _original=getattr(owner, attr), _key=attr, **kwargs):
                 start = time.process_time()
                 try:
-                    return original(*args, **kwargs)
+                    return _original(*args, **kwargs)
                 finally:
-                    spent[key] += time.process_time() - start
-            setattr(owner, attr, wrapper)
-
-        owners = [(task, "loss_head", "head"), (task.policy, "observe", "observe"), (step.meter, "update", "meter")]
-        for owner, attr, key in owners:
-            timed(owner, attr, key)
+                    spent[_key] = spent.get(_key, 0.0) + time.process_time() - start
+            setattr(owner, attr, timed)
         try:
             step.run(x, y)  # warm
-            spent.update(head=0.0, observe=0.0, meter=0.0)
+            spent.clear()
             for _ in range(reps):
                 step.run(x, y)
         finally:
-            for owner, attr, _ in owners:
-                delattr(owner, attr)  # the instance wrapper: the class's method again
-        ms = {k: 1000 * v / reps for k, v in spent.items()}
-        print(f"| {name} | {ms['head']:.2f} | {ms['observe']:.2f} | {ms['meter']:.2f} |")
-
-
-def _proc_status_mib(key: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
+            for owner, attr in owners:
+                delattr(owner, attr)  # the class's method again
+        ms = [1000 * spent.get(attr, 0.0) / reps for _, attr in owners]
+        print(f"| {name} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} |")
 
 
 def memory_probe(args: argparse.Namespace) -> None:
     """Run one variant alone; print the peak memory of its steps above what was resident before."""
-    device = torch.device(args.device)
     steps, x, y = build(args, [args.memory_probe])
     step = steps[args.memory_probe]
-    for _ in range(args.warmup):
-        step.run(x, y)
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device) / 2**20
-    else:
-        base = _proc_status_mib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    for _ in range(args.memory_steps):
-        step.run(x, y)
-    if device.type == "cuda":
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = _proc_status_mib("VmHWM")
-    print(json.dumps({"peak_mib": peak - base}))
+    peak_memory.report(peak_memory.peak_mib(lambda: step.run(x, y), args.warmup, args.memory_steps,
+                                            torch.device(args.device)))
 
 
 def probe_memory(args: argparse.Namespace, variant: str) -> float:
-    cmd = [sys.executable, __file__, "--memory-probe", variant, "--setting", args.setting, "--student", args.student,
-           "--teachers", *args.teachers, "--classes", str(args.classes), "--size", str(args.size),
-           "--batch", str(args.batch), "--warmup", str(args.warmup), "--memory-steps", str(args.memory_steps),
-           "--device", args.device, "--threads", str(args.threads)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    return peak_memory.run_probe([
+        sys.executable, __file__, "--memory-probe", variant, "--setting", args.setting, "--student", args.student,
+        "--teachers", *args.teachers, "--classes", str(args.classes), "--size", str(args.size),
+        "--batch", str(args.batch), "--warmup", str(args.warmup), "--memory-steps", str(args.memory_steps),
+        "--device", args.device, "--threads", str(args.threads)])
 
 
 def machine(device: torch.device) -> str:
