@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import DistillError
-from .fileio import check_readable, read_text, write_error, write_temp
+from .fileio import check_readable, read_text, require_finite, write_error, write_temp
 
 STUDENT_PREFIX = "student."
 EMA_PREFIX = "ema."  # the EMA of the student (run.ema), same keys as student.*
@@ -163,12 +163,15 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
 
 
 def load_tensors(path: Union[str, Path], device: str = "cpu") -> Dict[str, torch.Tensor]:
-    """Return all tensors of a safetensors file; a corrupt file is a DistillError naming it."""
+    """Return all tensors of a safetensors file; a corrupt file, or one holding NaN or infinity, is a
+    DistillError naming it (and the tensor)."""
     check_readable(path, "safetensors file")
     try:
-        return load_file(str(path), device=device)
+        tensors = load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as exc:
         raise DistillError(f"{path}: not a readable safetensors file ({exc})") from None
+    require_finite(tensors, path)
+    return tensors
 
 
 def load_checkpoint(stem: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

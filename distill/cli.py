@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Callable, List, Optional
 
+from .cli_parser import CommandParser, run_subcommand
+
 
 def _one_line(message: str) -> str:
     """Return a DistillError message on one line (one re-raised from a DataLoader worker keeps only its own)."""
@@ -39,15 +41,6 @@ def _guarded(main: Callable[[List[str]], int]) -> Callable[[Optional[List[str]]]
     return entry
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are DistillErrors: one line naming the argument, exit 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        from .errors import DistillError
-
-        raise DistillError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
 def _add_offline(parser: argparse.ArgumentParser, extra: str = "") -> None:
     """Add ``--offline`` / ``--no-download`` (one flag, two names): no network for weights, the Hub and data."""
     parser.add_argument("--offline", "--no-download", dest="offline", action="store_true",
@@ -55,10 +48,11 @@ def _add_offline(parser: argparse.ArgumentParser, extra: str = "") -> None:
 
 
 def _train(argv: List[str]) -> int:
-    parser = _Parser(
+    parser = CommandParser(
         prog="distill-train", description="Distil a student from a pool of teachers as a recipe says.")
     parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1 schedule.epochs=10")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="dotted overrides, e.g. optim.lr=0.1 schedule.epochs=10")
     parser.add_argument("--resume", action="store_true", help="continue every phase from its last checkpoint")
     parser.add_argument("--output-dir", help="run directory (default: the recipe's output_dir or runs/<name>)")
     parser.add_argument("--dry-run", action="store_true",
@@ -97,7 +91,7 @@ def _train(argv: List[str]) -> int:
 
 def parse_eval_args(argv: List[str]) -> argparse.Namespace:
     """Return ``distill-eval``'s checked arguments; a bad one is a DistillError naming it."""
-    parser = _Parser(
+    parser = CommandParser(
         prog="distill-eval", description="Evaluate a run, checkpoint or any resolvable model on a test split.")
     parser.add_argument("spec", help="run directory, checkpoint .safetensors, timm / zoo name, hf-hub:..., local-dir:...")
     parser.add_argument("--dataset", required=True, help="digits | cifar10 | cifar100 | imagefolder")
@@ -166,8 +160,9 @@ def _eval(argv: List[str]) -> int:
 
 
 def _zoo(argv: List[str]) -> int:
-    parser = _Parser(prog="distill-zoo", description="List the zoo's models and teacher pools.")
-    parser.add_argument("what", nargs="?", choices=("models", "pools", "all"), default="all")
+    parser = CommandParser(prog="distill-zoo", description="List the zoo's models and teacher pools.")
+    parser.add_argument("what", nargs="?", choices=("models", "pools", "all"), default="all",
+                        help="what to list (default all)")
     args = parser.parse_args(argv)
 
     import timm
@@ -190,7 +185,7 @@ def _zoo(argv: List[str]) -> int:
 
 
 def _plot(argv: List[str]) -> int:
-    parser = _Parser(
+    parser = CommandParser(
         prog="distill-plot", description="Draw a run's teacher weights and val top-1 per epoch to RUN_DIR/weights.png.")
     parser.add_argument("run_dir", help="a run directory holding summary.csv")
     args = parser.parse_args(argv)
@@ -203,7 +198,7 @@ def _plot(argv: List[str]) -> int:
 
 def parse_push_args(argv: List[str]) -> argparse.Namespace:
     """Return ``distill-push``'s checked arguments; a bad one is a DistillError naming it."""
-    parser = _Parser(
+    parser = CommandParser(
         prog="distill-push",
         description="Share a run's distilled student on the Hugging Face Hub in timm's layout (config.json, "
                     "model.safetensors, README.md model card, weights.png if drawn). The token comes from the "
@@ -257,16 +252,22 @@ plot_main = _guarded(_plot)
 push_main = _guarded(_push)
 cache_main = _guarded(_cache)
 
-_COMMANDS = {"train": train_main, "eval": eval_main, "zoo": zoo_main, "plot": plot_main, "push": push_main, "cache": cache_main}
+_COMMANDS = {
+    "train": ("distil a student from a pool of teachers as a recipe says (distill-train)", train_main),
+    "eval": ("evaluate a model, checkpoint or run on a dataset's test split (distill-eval)", eval_main),
+    "zoo": ("list the zoo's models and teacher pools (distill-zoo)", zoo_main),
+    "plot": ("draw a run's teacher weights and val top-1 per epoch (distill-plot)", plot_main),
+    "push": ("share a run's distilled student on the Hugging Face Hub (distill-push)", push_main),
+    "cache": ("build or describe a teacher-output cache (distill-cache)", cache_main),
+}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m distill.cli {train,eval,zoo,plot,push,cache} ...``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in _COMMANDS:
-        print(f"usage: python -m distill.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)
-        return 2
-    return _COMMANDS[argv[0]](argv[1:])
+def _module_main(argv: List[str]) -> int:
+    return run_subcommand("python -m distill.cli", "distill's commands in one entry point.", _COMMANDS, argv)
+
+
+main = _guarded(_module_main)
+main.__doc__ = """``python -m distill.cli {train,eval,zoo,plot,push,cache} ...``; returns the exit code."""
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset, get_worker_info
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
 from .cache.views import PadCrop, ViewAugment, timm_view_augment
 from .errors import DistillError
@@ -384,11 +386,31 @@ def _image_folders(root: Path, train_tf: Callable, eval_tf: Callable, require_tr
     return _image_folder(train_dir, train_tf), _image_folder(val_dir, eval_tf)
 
 
-def _image_folder(folder: Path, transform: Callable):
-    from torchvision.datasets import ImageFolder
+def is_hidden(path: Path, root: Path) -> bool:
+    """Return whether ``path`` or any folder between ``root`` and it has a name starting with '.'
+    (``.ipynb_checkpoints``, ``.DS_Store``, ``.git``): such entries are never classes or images."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
+
+class VisibleImageFolder(ImageFolder):
+    """torchvision's ImageFolder without hidden class folders, subfolders or files (see :func:`is_hidden`)."""
+
+    def __init__(self, root: str, transform: Optional[Callable] = None, loader: Callable = default_loader):
+        folder = Path(root)
+        super().__init__(root, transform=transform, loader=loader, is_valid_file=lambda path: (
+            path.lower().endswith(IMG_EXTENSIONS) and not is_hidden(Path(path), folder)))
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        """Return the sorted visible class-folder names and their indices."""
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
+def _image_folder(folder: Path, transform: Callable):
     try:
-        return ImageFolder(str(folder), transform=transform, loader=load_image)
+        return VisibleImageFolder(str(folder), transform=transform, loader=load_image)
     except FileNotFoundError as exc:
         empty = _empty_class_folders(folder)
         if empty:
@@ -412,14 +434,12 @@ def load_image(path: str):
 
 
 def _empty_class_folders(folder: Path) -> List[Path]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     empty = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if not entry.is_dir():
+        if not entry.is_dir() or entry.name.startswith("."):
             continue
-        has_image = any(name.lower().endswith(IMG_EXTENSIONS)
-                        for _, _, names in os.walk(entry.path, followlinks=True) for name in names)
+        has_image = any(name.lower().endswith(IMG_EXTENSIONS) and not is_hidden(Path(where) / name, folder)
+                        for where, _, names in os.walk(entry.path, followlinks=True) for name in names)
         if not has_image:
             empty.append(folder / entry.name)
     return empty

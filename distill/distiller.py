@@ -123,6 +123,7 @@ class Distiller(nn.Module):
         with torch.no_grad():
             s_feat = TappedModel(student, tap, tuple(input_shape))(x).feature
             t_out = self.pool(x)
+            self.pool.require_finite(t_out)
             t_feats = t_out.features
             if self.policy is not None:
                 self.policy.bind_heads(self.pool.heads())

@@ -277,7 +277,7 @@ def dry_run(recipe: Recipe, offline: bool = False, say: Callable[[str], None] = 
                + (f", momentum {o.momentum}, nesterov {o.nesterov}" if o.name == "sgd" else ""))
     s = recipe.schedule
     report.add("schedule", f"{type(scheduler).__name__}: {s.name}, {s.epochs} epochs"
-               + (f", x{s.decay_rate} at {s.milestones}" if s.name == "multistep" else "")
+               + (f", x{s.decay_rate} at {s.decay_epochs()}" if s.name == "multistep" else "")
                + (f", warm-up {s.warmup_epochs} epochs from {s.warmup_lr}" if s.warmup_epochs else "")
                + (f", min lr {s.min_lr}" if s.name == "cosine" else ""))
     st = step.settings

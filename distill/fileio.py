@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Union
+from typing import Any, Callable, Dict, Mapping, Union
 
 from .errors import DistillError
 
@@ -165,3 +165,19 @@ def ensure_dir(path: PathLike, what: str = "output directory") -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise DistillError(f"{path}: cannot write to {what} (permission denied)")
     return path
+
+
+def require_finite(tensors: Mapping[str, Any], source: PathLike) -> None:
+    """Refuse tensors holding NaN or infinity: a DistillError naming ``source`` (a file, or a model
+    and its file) and the first bad tensor, with its count of NaN and infinite values. Integer and
+    boolean tensors are finite by construction and are skipped."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(tensor).sum())
+            raise DistillError(f"{source}: tensor '{name}' holds non-finite values ({nan} NaN, "
+                               f"{int((~finite).sum()) - nan} infinite of {tensor.numel()}); refusing a corrupt file")

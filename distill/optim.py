@@ -49,7 +49,7 @@ def _timm_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_
 @SCHEDULES.register("multistep")
 def multistep(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int):
     """The LR times ``schedule.decay_rate`` at each of ``schedule.milestones`` (epochs)."""
-    return _timm_schedule(optimizer, cfg, steps_per_epoch, "multistep", decay_milestones=list(cfg.milestones))
+    return _timm_schedule(optimizer, cfg, steps_per_epoch, "multistep", decay_milestones=cfg.decay_epochs())
 
 
 @SCHEDULES.register("cosine")

@@ -80,11 +80,19 @@ class ScheduleConfig:
 
     name: Literal["multistep", "cosine", "constant"] = "multistep"
     epochs: int = 240
-    milestones: List[int] = field(default_factory=lambda: [150, 180, 210])
+    milestones: Optional[List[int]] = None  # None: 5/8, 3/4 and 7/8 of epochs (150/180/210 at 240, the paper's)
     decay_rate: float = 0.1
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5
     min_lr: float = 0.0
+
+
+    def decay_epochs(self) -> List[int]:
+        """Return the multistep milestones: the recipe's, or by default the epochs at 5/8, 3/4 and 7/8 of
+        the schedule (the paper's 150/180/210 of 240), so a default never lies past ``epochs``."""
+        if self.milestones is not None:
+            return list(self.milestones)
+        return sorted({m for m in (round(self.epochs * f) for f in (5 / 8, 3 / 4, 7 / 8)) if 0 < m < self.epochs})
 
 
 @dataclass

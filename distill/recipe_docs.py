@@ -113,7 +113,7 @@ MEANINGS: Dict[str, str] = {
     "OptimConfig.weight_decay": "weight decay",
     "ScheduleConfig.name": "multistep (x decay_rate at milestones), cosine, constant (timm create_scheduler_v2, per epoch)",
     "ScheduleConfig.epochs": "training epochs",
-    "ScheduleConfig.milestones": "epochs where a multistep schedule multiplies the LR by decay_rate",
+    "ScheduleConfig.milestones": "epochs where a multistep schedule multiplies the LR by decay_rate; null: 5/8, 3/4, 7/8 of epochs (150/180/210 at 240)",
     "ScheduleConfig.decay_rate": "multistep factor",
     "ScheduleConfig.warmup_epochs": "linear warm-up epochs from warmup_lr",
     "ScheduleConfig.warmup_lr": "LR at the start of the warm-up",

@@ -156,7 +156,7 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     s = recipe.schedule
     if s.epochs < 1:
         raise RecipeError("schedule.epochs", f"must be >= 1, got {s.epochs}")
-    if s.name == "multistep" and any(m <= 0 or m >= s.epochs for m in s.milestones):
+    if s.name == "multistep" and any(m <= 0 or m >= s.epochs for m in s.decay_epochs()):
         raise RecipeError("schedule.milestones", f"{s.milestones} must lie strictly between 0 and "
                           f"schedule.epochs={s.epochs}")
     if recipe.run.log_interval < 1:

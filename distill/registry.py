@@ -30,7 +30,7 @@ import zoo  # noqa: F401  (registers the zoo's architectures into timm)
 from .checkpoint import STUDENT_PREFIX, load_tensors, read_metadata, split_prefix
 from .errors import DistillError, RecipeError, close_matches
 from .fetch import require_local_weights, weight_download
-from .fileio import check_readable
+from .fileio import check_readable, require_finite
 from .manifest import content_hash
 from .paths import weights_dir
 
@@ -206,6 +206,7 @@ def _resolve_hub(spec: str, pretrained: bool, build_args: Dict[str, Any], where:
         names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else [
             "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth"]
         source["weights_file"] = next((n for n in names if (snapshot / n).is_file()), names[0])
+        require_finite(model.state_dict(), f"{where}: {spec} ({snapshot / source['weights_file']})")
         source["sha256"] = content_hash(model)
     return ResolvedModel(model, arch, data, source, args)
 
@@ -254,6 +255,7 @@ def resolve_model(spec: str, *, pretrained: bool = False, weights: Optional[str]
         data = model_data_spec(model)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         source.update({k: cfg[k] for k in ("hf_hub_id", "url", "file") if cfg.get(k)})
+        require_finite(model.state_dict(), f"{where}: {spec} (pretrained weights)")
         source["sha256"] = content_hash(model)
     recorded_args = {k: v for k, v in build_args.items() if k != "num_classes"}
     arch = spec

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import DistillError
 from .registry import DataSpec
 from .signals import TeacherOutputs
 from .taps import FeatureTap, TappedModel
@@ -85,6 +86,15 @@ class TeacherPool(nn.Module):
     def train(self, mode: bool = True) -> "TeacherPool":
         """The pool stays in eval mode whatever the caller asks."""
         return super().train(False)
+
+    def require_finite(self, outputs: TeacherOutputs) -> None:
+        """Refuse ``outputs`` (this pool's, for one batch) where a teacher's logits or feature hold NaN or
+        infinity: a DistillError naming the first such teacher (one host sync: call it at set-up only)."""
+        for m, name in enumerate(self.names):
+            for what, tensor in (("logits", outputs.logits[m]), ("feature", outputs.features[m])):
+                if not bool(torch.isfinite(tensor).all()):
+                    raise DistillError(f"teacher {m} ({name}): its {what} are not finite (NaN or infinity) on "
+                                       "the first batch; check its weights and precision (run.precision)")
 
     def forward(self, x: Tensor) -> TeacherOutputs:
         """Return every teacher's logits ``(M, B, C)``, features and embeddings for batch ``x``.

@@ -26,7 +26,7 @@ from torch import nn
 
 from .checkpoint import load_tensors
 from .errors import DistillError
-from .fileio import load_torch_file
+from .fileio import load_torch_file, require_finite
 
 _WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
@@ -57,7 +57,9 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         obj = inner
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DistillError(f"{path}: holds no tensors (expected a state dict, or one under 'state_dict' / 'model')")
-    return clean_state_dict({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    require_finite(state, path)
+    return clean_state_dict(state)
 
 
 def architecture_filter(model: nn.Module) -> Optional[Callable]:

@@ -225,6 +225,16 @@ def test_imagefolder_tree(tmp_path):
     assert bundle.val[0][0].shape == (3, 16, 16)
 
 
+def test_imagefolder_skips_hidden_folders_and_files(tmp_path):
+    root = _tree(tmp_path / "imgs", {"train/cat": 3, "train/dog": 2, "val/cat": 1, "val/dog": 1,
+                                     "train/.ipynb_checkpoints": 0, "train/cat/.ipynb_checkpoints": 4,
+                                     "val/.git/objects": 2})
+    Image.new("RGB", (8, 8)).save(root / "train" / "dog" / ".hidden.png")
+    bundle = data.build_data(DataConfig(dataset="imagefolder", root=str(root), input_size=16))
+    assert bundle.class_names == ["cat", "dog"] and len(bundle.train) == 5 and len(bundle.val) == 2
+    assert [Path(p).name for p, _ in bundle.train.samples] == ["0.png", "1.png", "2.png", "0.png", "1.png"]
+
+
 # ----------------------------------------------------------------------------- samplers and loaders
 
 

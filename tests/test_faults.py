@@ -5,6 +5,7 @@ subprocess once; variants of the same class run in-process through ``distill.cli
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -223,6 +224,146 @@ def test_file_loaded_teacher_is_complete_named_after_its_file_with_its_normalisa
     assert "fc.weight (10, 64) vs (100, 64)" in err and RESNET56.name in err and "new_keys" in err
 
 
+# ----------------------------------------------------------------------------- --help and usage errors
+
+
+def _console_scripts() -> list:
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return [line.split("=")[0].strip() for line in cfg["options.entry_points"]["console_scripts"].splitlines()
+            if line.strip()]
+
+
+def test_help_of_every_command_and_subcommand_exits_0(tmp_path):
+    scripts = _console_scripts()
+    assert {"distill-train", "distill-cache"} <= set(scripts)
+    for name in scripts:
+        proc = run_cli(tmp_path, name, "--help")
+        assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {name} "), (name, proc.stderr)
+    top = run_cli(tmp_path, "distill-cache", "--help").stdout
+    for sub in ("build", "info"):  # each subcommand on one line with its description
+        assert re.search(rf"^    {sub} +\w.+$", top, re.M), top
+        proc = run_cli(tmp_path, "distill-cache", sub, "--help")
+        assert proc.returncode == 0 and proc.stdout.startswith(f"usage: distill-cache {sub} "), proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "--help"], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0
+    for sub in ("train", "eval", "zoo", "plot", "push", "cache"):
+        assert re.search(rf"^    {sub} +\w.+$", proc.stdout, re.M), proc.stdout
+
+
+def test_usage_errors_name_only_what_is_missing(tmp_path):
+    line = assert_one_line_error(run_cli(tmp_path, "distill-train"), "required: recipe")
+    assert "overrides" not in line
+    assert_one_line_error(run_cli(tmp_path, "distill-cache"), "a command is required: build, info")
+    assert_one_line_error(run_cli(tmp_path, "distill-cache", "bild"), "unknown command 'bild'", "did you mean: build")
+    line = assert_one_line_error(run_cli(tmp_path, "distill-cache", "info"), "required: target")
+    assert "overrides" not in line
+
+
+# ----------------------------------------------------------------------------- non-finite tensors
+
+
+def _digits_net(seed: int = 0):
+    import timm
+
+    import zoo  # noqa: F401  (registers the CIFAR archs)
+
+    torch.manual_seed(seed)
+    return timm.create_model("cifar_resnet8", num_classes=10, in_chans=1).eval()
+
+
+def test_non_finite_weights_files_are_refused_naming_file_and_tensor(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    state = _digits_net().state_dict()
+    conv = "layer1.0.conv1.weight"  # (16, 16, 3, 3): one output channel is 144 values
+    nan_teacher = tmp_path / "teacher_nan.pth"
+    torch.save({"state_dict": {**state, conv: state[conv].clone().index_fill_(0, torch.tensor([3]), float("nan"))}},
+               nan_teacher)
+    recipe = digits_recipe(tmp_path, tmp_path / "run", teachers=[{"model": "cifar_resnet8", "weights": str(nan_teacher)}])
+    assert_one_line_error(run_cli(tmp_path, "distill-train", recipe), str(nan_teacher), f"tensor '{conv}'",
+                          "non-finite values (144 NaN, 0 infinite of 2304)")
+
+    inf_student = tmp_path / "student_inf.safetensors"
+    fc = state["fc.weight"].clone()
+    fc[0, 0] = float("inf")
+    save_file({**state, "fc.weight": fc}, str(inf_student))
+    recipe = digits_recipe(tmp_path, tmp_path / "run2", student={"model": "cifar_resnet8", "weights": str(inf_student)})
+    err = in_process_error(cli.train_main, [recipe], capsys)
+    assert str(inf_student) in err and "tensor 'fc.weight'" in err and "(0 NaN, 1 infinite of 640)" in err
+
+
+def test_teacher_with_non_finite_outputs_is_named_before_training(tmp_path):
+    state = _digits_net().state_dict()
+    huge = tmp_path / "teacher_huge.pth"  # finite weights whose logits overflow float32
+    torch.save({**state, "fc.weight": state["fc.weight"].sign() * 3e38}, huge)
+    recipe = digits_recipe(tmp_path, tmp_path / "run", teachers=[
+        {"model": "cifar_resnet8", "pretrained": False, "train": {"epochs": 1}},
+        {"model": "cifar_resnet8", "weights": str(huge)}])
+    assert_one_line_error(run_cli(tmp_path, "distill-train", recipe), "teacher 1", "cifar_resnet8",
+                          "logits are not finite")
+
+
+def test_non_finite_checkpoint_is_refused_by_eval_and_resume(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from distill.checkpoint import read_metadata
+
+    recipe = digits_recipe(tmp_path, tmp_path / "run")
+    assert cli.train_main([str(recipe)]) == 0
+    last = tmp_path / "run" / "last.safetensors"
+    tensors = load_file(str(last))
+    name = next(k for k in sorted(tensors) if k.endswith("conv1.weight"))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(last), metadata=read_metadata(last))
+    assert_one_line_error(run_cli(tmp_path, "distill-eval", last, "--dataset", "digits", "--num-workers", "0"),
+                          str(last), f"tensor '{name}'", "non-finite")
+    err = in_process_error(cli.train_main, [recipe, "schedule.epochs=2", "--resume"], capsys)
+    assert str(last) in err and f"tensor '{name}'" in err
+
+
+def test_non_finite_hub_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from .test_hub import add_snapshot, hub_files
+
+    files = hub_files(_digits_net(), tmp_path, "nan")
+    weights = tmp_path / "nan" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["bn1.running_var"][2] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    files["model.safetensors"] = weights.read_bytes()
+    cache = tmp_path / "hf" / "hub"
+    add_snapshot(cache, "org/nan", "a" * 40, files, refs=["main"])
+    proc = run_cli(tmp_path, "distill-eval", "hf-hub:org/nan", "--dataset", "digits", "--num-workers", "0",
+                   HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    assert_one_line_error(proc, "hf-hub:org/nan", "model.safetensors", "tensor 'bn1.running_var'", "1 NaN")
+
+
+# ----------------------------------------------------------------------------- hidden folders
+
+
+def test_jupyter_checkpoint_folders_are_not_classes(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "two"
+    for split in ("train", "test"):
+        for c in ("a", "b", ".ipynb_checkpoints", "a/.ipynb_checkpoints"):
+            (folder / split / c).mkdir(parents=True, exist_ok=True)
+        for c in ("a", "b"):
+            for i in range(4):
+                Image.new("RGB", (8, 8), (60 * i, 20, 30 if c == "a" else 200)).save(folder / split / c / f"{i}.png")
+        Image.new("RGB", (8, 8)).save(folder / split / "a" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    recipe = digits_recipe(tmp_path, tmp_path / "run", data={"dataset": "imagefolder", "root": str(folder),
+                                                              "batch_size": 4, "num_workers": 0, "input_size": 8})
+    proc = run_cli(tmp_path, "distill-train", recipe)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "test accuracy on imagefolder (8 images)" in proc.stdout, proc.stdout
+
+
 # ----------------------------------------------------------------------------- class counts
 
 
@@ -254,25 +395,24 @@ def test_class_counts_of_weights_and_data_disagree(tmp_path, capsys):
 # ----------------------------------------------------------------------------- Ctrl-C with DataLoader workers
 
 
-class _WorkerPids(torch.utils.data.Dataset):
-    """64 items, each the pid of the process that loaded it."""
+class _CtrlCInWorker(torch.utils.data.Dataset):
+    """64 items; loading item 20 sends SIGINT to the loading worker itself, as Ctrl-C does to the whole
+    process group under torchrun. The signal is sent from inside the worker, synchronously, so what
+    follows depends only on the worker's SIGINT disposition, never on timing: ignored, every batch
+    arrives; not ignored, the worker dies before it returns batch 5 and the loader must say so."""
 
     def __len__(self):
         return 64
 
     def __getitem__(self, index):
-        return torch.tensor([os.getpid()]), 0
+        if index == 20 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGINT)
+        return index, 0
 
 
-def _interrupt_workers_midway(loader) -> int:
-    """Send SIGINT to the loader's workers (as Ctrl-C does to the whole process group under torchrun)
-    after two batches; return how many batches arrived in all."""
-    batches = iter(loader)
-    first = [next(batches)[0], next(batches)[0]]
-    for pid in {int(p) for b in first for p in b.flatten()}:
-        os.kill(pid, signal.SIGINT)
-    time.sleep(0.5)
-    return 2 + sum(1 for _ in batches)
+def _batches(loader) -> int:
+    """Return how many batches ``loader`` delivers in all (the batch with item 20 included)."""
+    return sum(1 for _ in loader)
 
 
 def test_dataloader_workers_ignore_ctrl_c():
@@ -280,6 +420,7 @@ def test_dataloader_workers_ignore_ctrl_c():
 
     from distill.data import build_loader
 
-    assert _interrupt_workers_midway(build_loader(_WorkerPids(), 4, False, 2, 0)) == 16  # the main process decides
-    with pytest.raises(RuntimeError, match="exited unexpectedly"):  # without the worker init: the workers die
-        _interrupt_workers_midway(DataLoader(_WorkerPids(), batch_size=4, num_workers=2))
+    assert _batches(build_loader(_CtrlCInWorker(), 4, False, 2, 0)) == 16  # the main process decides
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):  # without the worker init: the worker dies
+        # (collate_fn=list: plain Python batches, no tensors in the dead worker's shared memory)
+        _batches(DataLoader(_CtrlCInWorker(), batch_size=4, num_workers=2, collate_fn=list))

@@ -57,12 +57,23 @@ def test_quickstart_recipe_loads():
     ("distill.features=middle", "distill.features", "pre_logits"),
     ("data.dataset=cifar11", "data.dataset", "did you mean: cifar10"),
     ("run.baseline=yes please", "run.baseline", "expected true or false"),
-    ("schedule.name=multistep", "schedule.milestones", "strictly between"),
     ("teachers.5.model=x", "teachers.5", "no list item"),
 ])
 def test_bad_fields_are_named(override, field, words):
     message = _error(GOOD, [override])
     assert f"'{field}'" in message and words in message
+
+
+def test_multistep_default_milestones_follow_epochs_and_written_ones_are_checked():
+    from distill.recipe_load import recipe_from_dict
+
+    assert recipe_from_dict(GOOD, ["schedule.name=multistep", "schedule.epochs=240"]).schedule.decay_epochs() \
+        == [150, 180, 210]  # the paper's
+    assert recipe_from_dict(GOOD, ["schedule.name=multistep", "schedule.epochs=30"]).schedule.decay_epochs() \
+        == [19, 22, 26]  # never past the schedule (the fuzz test's falsifying example: name removed, epochs 30)
+    assert recipe_from_dict(GOOD, ["schedule.name=multistep", "schedule.epochs=1"]).schedule.decay_epochs() == []
+    message = _error(GOOD, ["schedule.name=multistep", "schedule.milestones=[1, 40]"])
+    assert "'schedule.milestones'" in message and "strictly between" in message
 
 
 def test_unknown_top_level_key_and_missing_student():

@@ -313,3 +313,29 @@ def test_key_tracks_files_seed_views_teachers_top_k_and_dtype(image_tree, tmp_pa
     path = root / "train" / "class1" / "3.png"
     path.write_bytes(path.read_bytes() + b"\0")  # one file changes size
     assert dataset_fingerprint(build_data(_data_cfg(root, "cifar")).train)["files"] != before["files"]
+
+
+def test_cache_shard_with_non_finite_outputs_is_refused_naming_shard_and_tensor(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from distill.cache.store import file_sha256
+    from distill.cli import main
+
+    recipe = _recipe_file(tmp_path)
+    assert cache_main(["build", str(recipe), "--views", "2", "--shard-images", "32"]) == 0
+    folder = next(cache_root().iterdir())
+    shard = folder / "shard-00001.safetensors"
+    tensors = load_file(str(shard))
+    name = next(k for k in sorted(tensors) if tensors[k].is_floating_point())
+    tensors[name].view(-1)[5] = float("nan")
+    save_file(tensors, str(shard))  # as a cache written from a teacher with NaN outputs: its SHA-256 recorded
+    index = json.loads((folder / "index.json").read_text())
+    for record in index["shards"]:
+        if record["file"] == shard.name:
+            record["sha256"] = file_sha256(shard)
+    (folder / "index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main(["train", str(recipe), "run.teacher_cache=" + folder.name, "data.fixed_views=2",
+                 "schedule.epochs=1", "schedule.name=constant"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(shard) in err and f"tensor '{name}'" in err and "1 NaN" in err, err

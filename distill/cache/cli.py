@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, List, Tuple
 
+from ..cli_parser import CommandParser, run_subcommand
 from ..errors import DistillError
 from ..fileio import read_json
 from .store import KEY_LENGTH, cache_root, read_index
@@ -94,25 +94,31 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_main(argv: List[str]) -> int:
+    parser = CommandParser(prog="distill-cache build", description=BUILD_HELP)
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. data.train_subset=4000")
+    parser.add_argument("--views", type=int, help="views per image (data.fixed_views; default the recipe's, else 1)")
+    parser.add_argument("--top-k", type=int, help="logits kept per teacher and view (run.teacher_top_k; default all)")
+    parser.add_argument("--shard-images", type=int, default=1024, help="images per shard (default 1024)")
+    args = parser.parse_intermixed_args(argv)
+    if args.shard_images < 1:
+        parser.error("--shard-images must be >= 1")
+    return _build(args)
+
+
+def _info_main(argv: List[str]) -> int:
+    parser = CommandParser(prog="distill-cache info", description=INFO_HELP)
+    parser.add_argument("target", help="a cache key, or a recipe YAML file (its cache)")
+    parser.add_argument("overrides", nargs="*", default=[], help="with a recipe: dotted overrides")
+    return _info(parser.parse_intermixed_args(argv))
+
+
+BUILD_HELP = "run the recipe's teachers once per stored view and save their outputs"
+INFO_HELP = "print a cache's size, views, teachers, top-k and coverage"
+
+
 def main(argv: List[str]) -> int:
     """Run ``distill-cache``; returns the exit code (user errors raise DistillError)."""
-    build = argparse.ArgumentParser(prog="distill-cache build",
-                                    description="Run the recipe's teachers once per stored view and save their outputs.")
-    build.add_argument("recipe", help="recipe YAML file")
-    build.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train_subset=4000")
-    build.add_argument("--views", type=int, help="views per image (data.fixed_views; default the recipe's, else 1)")
-    build.add_argument("--top-k", type=int, help="logits kept per teacher and view (run.teacher_top_k; default all)")
-    build.add_argument("--shard-images", type=int, default=1024, help="images per shard (default 1024)")
-    info = argparse.ArgumentParser(prog="distill-cache info",
-                                   description="Print a cache's size, views, teachers, top-k and coverage.")
-    info.add_argument("target", help="a cache key, or a recipe YAML file (its cache)")
-    info.add_argument("overrides", nargs="*", help="with a recipe: dotted overrides")
-    commands = {"build": (build, _build), "info": (info, _info)}
-    if not argv or argv[0] not in commands:
-        print("usage: distill-cache {build,info} ...", file=sys.stderr)
-        return 2
-    parser, run = commands[argv[0]]
-    args = parser.parse_intermixed_args(argv[1:])
-    if argv[0] == "build" and args.shard_images < 1:
-        parser.error("--shard-images must be >= 1")
-    return run(args)
+    return run_subcommand("distill-cache", "The teacher-output cache: stored views and the pool's outputs for them.",
+                          {"build": (BUILD_HELP, _build_main), "info": (INFO_HELP, _info_main)}, argv)

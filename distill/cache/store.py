@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..fileio import atomic_write, read_json
+from ..fileio import atomic_write, read_json, require_finite
 from ..errors import DistillError
 from ..manifest import content_hash, record_differences
 from ..paths import distill_home
@@ -214,5 +214,7 @@ def open_cache(folder: Path, spec: Optional[Dict[str, Any]] = None, rebuild_hint
         raise DistillError(f"run.teacher_cache: {folder}: shard(s) {', '.join(bad)} missing or failing their "
                            f"SHA-256 (corrupt){rebuild_hint}")
     parts = [load_file(str(folder / shard["file"])) for shard in index["shards"]]
+    for shard, part in zip(index["shards"], parts):
+        require_finite(part, folder / shard["file"])
     tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return TeacherCache(index, tensors)

@@ -169,14 +169,16 @@ class Trainer:
         started = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"[{self.label}] epoch {epoch + 1}/{self.schedule.epochs}",
                    leave=False, disable=not (self.run.progress and sys.stderr.isatty()), file=sys.stderr)
+        x = teachers = None
         for index, batch in enumerate(bar):
-            logged = self._train_batch(batch, meter, epoch, index, started, bar)
+            x, y, teachers = batch_to(batch, self.device)
+            logged = self._train_batch(x, y, teachers, meter, epoch, index, started, bar)
             # single process: stop after any finished step; DDP: agree at log steps (one tiny all_reduce)
             if index + 1 < len(self.train_loader) and self._stop.requested(sync=logged) and \
                     (logged or not distributed.is_distributed()):
                 return None
         elapsed = time.perf_counter() - started
-        values = self._check_finite(meter, epoch, len(self.train_loader) - 1)
+        values = self._check_finite(meter, epoch, len(self.train_loader) - 1, x if teachers is None else None)
         total = meter.reduced()
         row: Dict[str, float] = {"epoch": epoch + 1, "lr": lr}
         row.update({f"train_{k}": v for k, v in values.items()})
@@ -187,25 +189,31 @@ class Trainer:
             row.update({f"policy/{k}": v for k, v in d.policy.end_epoch(epoch).items()})
         return row
 
-    def _train_batch(self, batch, meter: EpochMeter, epoch: int, index: int, started: float, bar) -> bool:
-        """Run the step on batch ``index`` of ``epoch`` and add it to ``meter``; return whether it
-        was a log step (the running means were read and checked)."""
-        x, y, teachers = batch_to(batch, self.device)
+    def _train_batch(self, x: Tensor, y: Tensor, teachers: Optional[TeacherOutputs], meter: EpochMeter, epoch: int,
+                     index: int, started: float, bar) -> bool:
+        """Run the step on batch ``index`` of ``epoch`` (on the device; ``teachers``: outputs carried
+        with it, or None) and add it to ``meter``; return whether it was a log step (the running
+        means were read and checked)."""
         if self.batch_transform is not None:
             x, y = mix_batch(self.batch_transform, x, y)
         meter.update(self.step(x, y, teachers), y)
         logged = (index + 1) % self.run.log_interval == 0
         if logged:
-            values = self._check_finite(meter, epoch, index)
+            values = self._check_finite(meter, epoch, index, x if teachers is None else None)
             seen = meter.count / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['top1']:.1f}", img_s=f"{seen:.0f}")
         return logged
 
-    def _check_finite(self, meter: EpochMeter, epoch: int, step: int) -> Dict[str, float]:
-        """Return the meter's means; raise when the loss is not finite. Under fp16 a non-finite step
-        is the GradScaler's business (skipped, not a crash); only every step skipped raises."""
+    def _check_finite(self, meter: EpochMeter, epoch: int, step: int, x: Optional[Tensor]) -> Dict[str, float]:
+        """Return the meter's means; raise when the loss is not finite, naming the first teacher whose
+        outputs on ``x`` (the step's input batch; None: its teachers' outputs came from the cache,
+        checked at load) are not finite when there is one. Under fp16 a non-finite step is the
+        GradScaler's business (skipped, not a crash); only every step skipped raises."""
         values = meter.reduced().read()
         if not math.isfinite(values["loss"]):
+            pool = self.distiller.pool
+            if len(pool) and x is not None:
+                pool.require_finite(pool(x))
             parts = ", ".join(f"{k}={values[k]:.4g}" for k in ("ce", "kd", "feat"))
             raise DistillError(f"[{self.label}] non-finite loss by epoch {epoch + 1} step {step + 1} "
                                f"(running means: {parts}); stopping without overwriting the last checkpoint")

@@ -32,8 +32,8 @@ def _step_delay(seconds: float) -> None:
     original = Trainer._train_batch
 
     @functools.wraps(original)
-    def train_batch(self, batch, meter, epoch, index, started, bar):
-        logged = original(self, batch, meter, epoch, index, started, bar)
+    def train_batch(self, x, y, teachers, meter, epoch, index, started, bar):
+        logged = original(self, x, y, teachers, meter, epoch, index, started, bar)
         print(f"DISTILL_TEST_STEP {epoch} {index}", file=sys.stderr, flush=True)
         time.sleep(seconds)
         return logged
