@@ -4,7 +4,7 @@ For (a) ``recipes/deit_tiny.yaml``'s models (DeiT-Tiny student; CaiT-S24, DeiT-S
 teachers) and (b) ``recipes/resnet18.yaml``'s (ResNet-18; ``imagenet_cnn4``), all at random
 init on a synthetic 224-px batch, with each recipe's features, loss and policy, this times
 
-- ``Distiller.train_step`` (built by ``distill.build.build_distiller``, the trainer's step)
+- the ``TrainStep`` (built by ``distill.build.build_train_step``, the trainer's step)
   under fp32 / bf16 / bf16 + compile / bf16 + compile + channels_last (channels-last for
   the CNN setting only: ViTs have no 4-D activations past the patch embedding), and
 - the plain-PyTorch lower bound of the same step in the same precision and compile mode:
@@ -44,8 +44,8 @@ from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD  # noqa: E402
 
 import zoo  # noqa: E402,F401  (registers the zoo models)
 import lower_bound  # noqa: E402  (benchmarks/lower_bound.py)
-from distill.build import build_distiller  # noqa: E402
-from distill.distiller import PRECISIONS  # noqa: E402
+from distill.build import build_train_step  # noqa: E402
+from distill.runtime import PRECISIONS  # noqa: E402
 from distill.pipeline import make_teacher  # noqa: E402
 from distill.recipe import DistillConfig, OptimConfig, RunConfig, TeacherConfig  # noqa: E402
 from distill.recipe_load import load_recipe, teacher_configs  # noqa: E402
@@ -111,19 +111,19 @@ def build_models(setting: Setting):
 
 
 def real_step(setting: Setting, row: str, device: torch.device) -> Callable:
-    """Return ``Distiller.train_step`` (the trainer's step, its builder) in ``row``'s settings."""
+    """Return the ``TrainStep`` (the trainer's step, its builder) in ``row``'s settings."""
     precision, compile_, channels_last = ROWS[row]
     student, models = build_models(setting)
     tap = parse_feature_tap(setting.distill.features)
     teachers = [make_teacher(f"{i}:{n}", TeacherConfig(model=n), ResolvedModel(m, n, None), setting.data, tap)
                 for i, (n, m) in enumerate(zip(setting.teachers, models))]
     run = RunConfig(device=str(device), precision=precision, compile=compile_, channels_last=channels_last)
-    d = build_distiller(student, teachers, tap, setting.data.input_size, setting.distill, setting.optim, run, device,
-                        wrap_ddp=False)
-    d.trainable.train()
-    if d.policy is not None:
-        d.policy.begin_epoch(1)  # past any warm-up epoch: the policy's full step
-    return d.train_step
+    step = build_train_step(student, teachers, tap, setting.data.input_size, setting.distill, setting.optim, run,
+                            device, wrap_ddp=False)
+    step.trainable.train()
+    if step.task.policy is not None:
+        step.task.policy.begin_epoch(1)  # past any warm-up epoch: the policy's full step
+    return step
 
 
 def bound_step(setting: Setting, row: str, device: torch.device) -> Callable:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.distiller import autocast
+from distill.runtime import autocast
 
 
 def bound_step(models: Sequence[nn.Module], student: nn.Module, opt: torch.optim.Optimizer,

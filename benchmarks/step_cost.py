@@ -15,9 +15,9 @@ speed hit all variants alike. Reported: the median over ``--steps`` rounds after
     (the teachers' forward then returns features too: ``forward_features`` +
     ``forward_head``, the same FLOPs as ``model(x)``).
 ``aver``, ``camkd``, ``mtkd_rl``, ``mixture`` (and any extra ``--variants``): the step
-    ``engine.Trainer`` runs, built by the trainer's builder (``distill.build.build_distiller``,
-    SGD with momentum 0.9 as the bound, fp32) and run by the same call,
-    ``Distiller.train_step(x, y)`` (forward, backward, optimiser step, ``policy.observe``),
+    ``engine.Trainer`` runs, built by the trainer's builder (``distill.build.build_train_step``,
+    SGD with momentum 0.9 as the bound, fp32) and run by the same call, ``step(x, y)``
+    (``distill.step.TrainStep``: forward, backward, optimiser step, ``policy.observe``),
     followed by the Trainer's per-step meter update (``EpochMeter.update``). MTKD-RL runs as after its warm-up epoch
     (the agent produces the weights and every step is recorded); its end-of-epoch agent update
     (one agent optimiser step per recorded batch) is timed after the rounds and reported per
@@ -26,15 +26,12 @@ speed hit all variants alike. Reported: the median over ``--steps`` rounds after
 Memory, two measures (``--no-memory`` skips the second):
 
 ``saved MiB``: bytes of the distinct tensor storages autograd saves for backward during one
-    step's forward (``torch.autograd.graph.saved_tensors_hooks``; parameters excluded, they
-    are resident anyway). Deterministic, device-independent: the activation memory a step
-    holds at its peak (just before backward).
-``peak MiB``: each variant alone in a fresh process. CUDA: ``torch.cuda.max_memory_allocated``
-    over the measured steps minus what was allocated before them. CPU (Linux): high-water RSS
-    (``VmHWM``, reset through ``/proc/self/clear_refs`` after the warm-up steps) minus the RSS
-    before the measured steps, with glibc started with ``MALLOC_MMAP_THRESHOLD_=65536`` so
-    freed tensors leave the RSS at once. This includes workspace and transient buffers that
-    ``saved MiB`` does not see, and allocator noise of ~1 MiB.
+    step (``distill.step.saved_activation_bytes``; parameters excluded, they are resident
+    anyway). Deterministic, device-independent: the activation memory a step holds at its peak.
+``peak MiB``: each variant alone in a fresh process, above what was resident before the
+    measured steps (``benchmarks/peak_memory.py``: CUDA allocator peak, CPU high-water RSS).
+    This includes workspace and transient buffers that ``saved MiB`` does not see, and
+    allocator noise of ~1 MiB.
 The MTKD-RL episode buffer also grows by a fixed number of host bytes per recorded batch
 until the epoch-end update empties it (``buffer KiB/step``).
 
@@ -57,10 +54,8 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -75,13 +70,14 @@ import timm  # noqa: E402
 
 import zoo  # noqa: E402,F401  (registers the zoo models)
 import lower_bound  # noqa: E402  (benchmarks/lower_bound.py)
+import peak_memory  # noqa: E402  (benchmarks/peak_memory.py)
 from zoo.pools import get_pool  # noqa: E402
-from distill.build import build_distiller  # noqa: E402
-from distill.distiller import Distiller  # noqa: E402
+from distill.build import build_train_step  # noqa: E402
 from distill.engine import EpochMeter  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
 from distill.recipe import DistillConfig, OptimConfig, RunConfig  # noqa: E402
 from distill.resolve import DataSpec  # noqa: E402
+from distill.step import TrainStep, saved_activation_bytes  # noqa: E402
 from distill.taps import parse_feature_tap  # noqa: E402
 from distill.teachers import InputAdapter, Teacher  # noqa: E402
 
@@ -148,9 +144,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Step:
     """One variant: ``run(x, y)`` is one full training step."""
 
-    def __init__(self, name: str, run: Callable, module: nn.Module, optimizer, distiller=None, meter=None):
+    def __init__(self, name: str, run: Callable, module: nn.Module, optimizer, train: TrainStep = None,
+                 meter: EpochMeter = None):
         self.name, self.run, self.module, self.optimizer = name, run, module, optimizer
-        self.distiller, self.meter = distiller, meter
+        self.train, self.meter = train, meter  # the toolkit's TrainStep and the trainer's meter (policy variants)
 
 
 def build(args: argparse.Namespace, names: List[str]):
@@ -181,15 +178,15 @@ def build(args: argparse.Namespace, names: List[str]):
                 teachers = [Teacher(f"{i}:{n}", m, InputAdapter(spec, spec.mean, spec.std), tap, spec.input_size)
                             for i, (n, m) in enumerate(zip(args.teachers, models))]
             policy_name, policy_args = POLICY_VARIANTS[name]
-            d = build_distiller(student, teachers, tap, spec.input_size,
-                                DistillConfig(alpha=ALPHA, beta=BETA, temperature=T, policy=policy_name,
-                                              policy_args=dict(policy_args)),
-                                OptimConfig(name="sgd", lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0),
-                                RunConfig(device=str(device), precision="fp32"), device, wrap_ddp=False)
-            d.trainable.train()
-            d.policy.begin_epoch(1)  # after the warm-up epoch: MTKD-RL's agent drives the weights
-            meter = EpochMeter(device, len(d.pool))
-            steps[name] = Step(name, _distiller_step(d, meter), d.trainable, d.optimizer, d, meter)
+            train = build_train_step(student, teachers, tap, spec.input_size,
+                                     DistillConfig(alpha=ALPHA, beta=BETA, temperature=T, policy=policy_name,
+                                                   policy_args=dict(policy_args)),
+                                     OptimConfig(name="sgd", lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0),
+                                     RunConfig(device=str(device), precision="fp32"), device, wrap_ddp=False)
+            train.trainable.train()
+            train.task.policy.begin_epoch(1)  # after the warm-up epoch: MTKD-RL's agent drives the weights
+            meter = EpochMeter(device, len(train.task.pool))
+            steps[name] = Step(name, _trainer_batch(train, meter), train.trainable, train.optimizer, train, meter)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(args.batch, *spec.input_size, generator=g).to(device)
     y = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
@@ -217,9 +214,9 @@ def _bound_kd_step(models, student, projectors, opt):
     return run
 
 
-def _distiller_step(d: Distiller, meter: EpochMeter):
+def _trainer_batch(train: TrainStep, meter: EpochMeter):
     def run(x, y):
-        meter.update(d.train_step(x, y), y)  # what Trainer._train_epoch does per batch
+        meter.update(train(x, y), y)  # what the Trainer does per batch
     return run
 
 
@@ -233,27 +230,15 @@ def sync(device: torch.device) -> None:
 
 def saved_bytes(step: Step, x, y) -> int:
     """Return the bytes of distinct non-parameter storages autograd saves during one step."""
-    params = {p.untyped_storage().data_ptr() for p in step.module.parameters()}
-    seen: Dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in params:
-            seen[ptr] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step.run(x, y)
-    return sum(seen.values())
+    return saved_activation_bytes(lambda: step.run(x, y), step.module.parameters())[1]
 
 
 def agent_update_ms(step: Step, device: torch.device) -> Tuple[float, float, float]:
     """Return (epoch-end agent update wall ms and CPU ms per recorded batch, buffer host bytes per recorded batch)."""
     nan = float("nan")
-    if step.distiller is None:
+    if step.train is None:
         return nan, nan, nan
-    p = step.distiller.policy
+    p = step.train.task.policy
     p = getattr(p, "inner", None) or p
     if not hasattr(p, "buffer") or not p.buffer.entries:
         return nan, nan, nan
@@ -262,7 +247,7 @@ def agent_update_ms(step: Step, device: torch.device) -> Tuple[float, float, flo
     sync(device)
     start, cpu = time.perf_counter(), time.process_time()
     try:
-        step.distiller.policy.end_epoch(1)
+        step.train.task.policy.end_epoch(1)
     except DistillError:  # the paper objective diverges when replaying one batch; the time is what counts
         pass
     sync(device)
@@ -270,80 +255,49 @@ def agent_update_ms(step: Step, device: torch.device) -> Tuple[float, float, flo
 
 
 def breakdown(steps: Dict[str, Step], x, y, reps: int = 50) -> None:
-    """Print the CPU ms per step of the toolkit's own work outside the models' forward passes."""
-    print("\ntoolkit work per step outside the models (CPU ms, mean of "
-          f"{reps}; forward only: the loss head's backward is in the step times):\n")
-    print("(policy.observe = (loss head + observe) - loss head: MTKD-RL observes its own weights() call; "
-          "near 0 it can read slightly negative)\n")
-    print("| variant | signals + weights + loss | policy.observe | meter.update |")
-    print("|---|---|---|---|")
-    for name, step in steps.items():
-        d = step.distiller
-        if d is None:
-            continue
-        teachers, student = d.pool(x), d.trainable(x)
-
-        def cpu_ms(fn) -> float:
-            fn()
-            start = time.process_time()
+    """Print the CPU ms per step of the toolkit's own work outside the models' forward passes,
+    timed inside ``reps`` real steps: the task's loss head, the policy's observe and the meter
+    update get CPU-timing wrappers on their instances, removed afterwards."""
+    print(f"\ntoolkit work per step outside the models (CPU ms, mean of {reps} real steps; forward only: "
+          "the loss head's backward is in the step times):\n")
+    print("| variant | signals + weights + loss | policy.observe | meter.update |\n|---|---|---|---|")
+    for name, step in [(n, s) for n, s in steps.items() if s.train is not None]:
+        spent: Dict[str, float] = {}
+        owners = [(step.train.task, "loss_head"), (step.train.task.policy, "observe"), (step.meter, "update")]
+        for owner, attr in owners:
+            def timed(*args, _original=getattr(owner, attr), _key=attr, **kwargs):
+                start = time.process_time()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    spent[_key] = spent.get(_key, 0.0) + time.process_time() - start
+            setattr(owner, attr, timed)
+        try:
+            step.run(x, y)  # warm
+            spent.clear()
             for _ in range(reps):
-                fn()
-            return 1000 * (time.process_time() - start) / reps
-
-        t_head = cpu_ms(lambda: d.loss_head(student, teachers, y))
-        def head_and_observe():  # MTKD-RL (align) observes the weights() call of the same step
-            s, w_, _, _ = d.loss_head(student, teachers, y)
-            d.policy.observe(s, w_, teachers, student, y)
-
-        t_obs = cpu_ms(head_and_observe) - t_head
-        signals, w, per_sample, parts = d.loss_head(student, teachers, y)
-        out = types.SimpleNamespace(per_sample=per_sample, loss=per_sample.mean(), parts=parts,
-                                    logits=student.logits, weights=w, finite=None)
-        t_meter = cpu_ms(lambda: step.meter.update(out, y))
-        print(f"| {name} | {t_head:.2f} | {t_obs:.2f} | {t_meter:.2f} |")
-
-
-def _proc_status_mib(key: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
+                step.run(x, y)
+        finally:
+            for owner, attr in owners:
+                delattr(owner, attr)  # the class's method again
+        ms = [1000 * spent.get(attr, 0.0) / reps for _, attr in owners]
+        print(f"| {name} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} |")
 
 
 def memory_probe(args: argparse.Namespace) -> None:
     """Run one variant alone; print the peak memory of its steps above what was resident before."""
-    device = torch.device(args.device)
     steps, x, y = build(args, [args.memory_probe])
     step = steps[args.memory_probe]
-    for _ in range(args.warmup):
-        step.run(x, y)
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device) / 2**20
-    else:
-        base = _proc_status_mib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    for _ in range(args.memory_steps):
-        step.run(x, y)
-    if device.type == "cuda":
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = _proc_status_mib("VmHWM")
-    print(json.dumps({"peak_mib": peak - base}))
+    peak_memory.report(peak_memory.peak_mib(lambda: step.run(x, y), args.warmup, args.memory_steps,
+                                            torch.device(args.device)))
 
 
 def probe_memory(args: argparse.Namespace, variant: str) -> float:
-    cmd = [sys.executable, __file__, "--memory-probe", variant, "--setting", args.setting, "--student", args.student,
-           "--teachers", *args.teachers, "--classes", str(args.classes), "--size", str(args.size),
-           "--batch", str(args.batch), "--warmup", str(args.warmup), "--memory-steps", str(args.memory_steps),
-           "--device", args.device, "--threads", str(args.threads)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    return peak_memory.run_probe([
+        sys.executable, __file__, "--memory-probe", variant, "--setting", args.setting, "--student", args.student,
+        "--teachers", *args.teachers, "--classes", str(args.classes), "--size", str(args.size),
+        "--batch", str(args.batch), "--warmup", str(args.warmup), "--memory-steps", str(args.memory_steps),
+        "--device", args.device, "--threads", str(args.threads)])
 
 
 def machine(device: torch.device) -> str:

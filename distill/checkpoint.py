@@ -87,14 +87,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
-def _test_pause(point: str) -> None:
-    """Tests only: print a marker and sleep at ``point`` when DISTILL_TEST_PAUSE_AT names it."""
-    if os.environ.get("DISTILL_TEST_PAUSE_AT") == point:
-        import sys
-        import time
+def install_tensors(tmp: str, path: Path) -> None:
+    """Rename a save's written tensors file ``tmp`` into place at ``path`` (not yet committed)."""
+    os.replace(tmp, path)
 
-        print(f"DISTILL_TEST_PAUSED {point}", file=sys.stderr, flush=True)
-        time.sleep(float(os.environ.get("DISTILL_TEST_PAUSE_S", "30")))
+
+def commit_state(tmp: str, path: Path) -> None:
+    """Rename a save's written JSON ``tmp`` into place at ``path``: the commit of the checkpoint."""
+    os.replace(tmp, path)
 
 
 def save_checkpoint(stem: Union[str, Path], tensors: Dict[str, torch.Tensor], state: Dict[str, Any],
@@ -122,10 +122,8 @@ def save_checkpoint(stem: Union[str, Path], tensors: Dict[str, torch.Tensor], st
     try:
         if _committed_tensors(json_path, st_path, prev_path) == st_path:
             os.replace(st_path, prev_path)  # keep the committed tensors until the new JSON lands
-        _test_pause("checkpoint-rename")
-        os.replace(st_tmp, st_path)
-        _test_pause("checkpoint-commit")
-        os.replace(json_tmp, json_path)  # the commit
+        install_tensors(st_tmp, st_path)
+        commit_state(json_tmp, json_path)
     except BaseException:
         Path(st_tmp).unlink(missing_ok=True)
         Path(json_tmp).unlink(missing_ok=True)

@@ -130,10 +130,11 @@ def _eval(argv: List[str]) -> int:
 
     from .classes import fit_class_count
     from .data import build_data, build_loader, dataset_info
-    from .engine import evaluate, resolve_device
+    from .engine import evaluate
     from .fetch import offline
     from .recipe import DataConfig
     from .resolve import resolve_model
+    from .runtime import resolve_device
 
     info = dataset_info(args.dataset, "--dataset")
     with offline(args.offline):

@@ -3,9 +3,9 @@
 Resolves every model (with ``offline``: the Hugging Face Hub is put in offline mode and a
 model whose weights are not in the local cache is built at random init with its pretrained
 config kept, so its data config — input size, mean, std — is still right), builds the
-Distiller with the trainer's builder (:func:`distill.build.build_distiller`; ``run.compile``
+training step with the trainer's builder (:func:`distill.build.build_train_step`; ``run.compile``
 is reported but not applied: compiling takes minutes and checks nothing about the wiring),
-and runs :meth:`~distill.distiller.Distiller.train_step` — the trainer's step, with the
+and runs the :class:`~distill.step.TrainStep` — the trainer's step, with the
 recipe's precision, accumulation, clipping, EMA and channels-last — plus the policy's
 end-of-epoch update on *tiny* synthetic batches of the recipe's input size, with the
 recipe's mixup / label smoothing applied (soft targets). Progress goes to stderr as it builds.
@@ -33,18 +33,20 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 
 from . import distributed
-from .build import build_distiller
+from .build import build_train_step
 from .data import build_mixup, dataset_info
-from .distiller import Distiller
 from .classes import fit_class_count
-from .engine import build_scheduler, mix_batch, resolve_device, seed_everything
+from .engine import mix_batch
 from .errors import DistillError
 from .fetch import offline as hub_offline
 from .fetch import weights_reachable_offline
+from .optim import build_scheduler
 from .pipeline import make_teacher
 from .recipe import Recipe
 from .recipe_load import teacher_configs
 from .resolve import DataSpec, ResolvedModel, count_params, model_data_spec, resolve_model
+from .runtime import resolve_device, seed_everything
+from .step import TrainStep, saved_activation_bytes
 from .taps import parse_feature_tap
 from .weightfile import label
 
@@ -139,28 +141,18 @@ def _synthetic_batch(batch: int, data: DataSpec, num_classes: int, mixup, device
     return mix_batch(mixup, x, y) if mixup is not None else (x, y)
 
 
-def _measure_step(distiller: Distiller, x: torch.Tensor, y: torch.Tensor) -> Tuple[Any, int]:
-    """Run one ``train_step``; return its output and the activation bytes it held (see module doc)."""
+def _measure_step(step: TrainStep, x: torch.Tensor, y: torch.Tensor) -> Tuple[Any, int]:
+    """Run one training step; return its output and the activation bytes it held (see module doc)."""
     device = x.device
-    params = {p.untyped_storage().data_ptr() for p in distiller.trainable.parameters()}
-    saved: Dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params and storage.device.type != "meta":
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = distiller.train_step(x, y)
+    out, saved = saved_activation_bytes(lambda: step(x, y), step.trainable.parameters())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return out, torch.cuda.max_memory_allocated(device) - base
-    return out, sum(saved.values())
+    return out, saved
 
 
 def dry_run(recipe: Recipe, offline: bool = False, say: Callable[[str], None] = _stderr) -> DryRunReport:
@@ -203,9 +195,10 @@ def dry_run(recipe: Recipe, offline: bool = False, say: Callable[[str], None] = 
                                    data, False, recipe.data.dataset)
     say("assembling the Distiller (projectors sized on a dummy batch, policy, optimiser)")
     eager = dataclasses.replace(r, compile=False)  # compiling takes minutes and checks nothing about the wiring
-    distiller = build_distiller(student.model, teachers, tap, tuple(data.input_size), recipe.distill, o, eager,
-                                device, wrap_ddp=False)
-    pool, policy, optimizer = distiller.pool, distiller.policy, distiller.optimizer
+    step = build_train_step(student.model, teachers, tap, tuple(data.input_size), recipe.distill, o, eager,
+                            device, wrap_ddp=False)
+    distiller = step.task
+    pool, policy, optimizer = distiller.pool, distiller.policy, step.optimizer
     size = dataset_info(recipe.data.dataset).train_size
     if recipe.data.train_subset:
         size = min(size, recipe.data.train_subset)
@@ -218,23 +211,23 @@ def dry_run(recipe: Recipe, offline: bool = False, say: Callable[[str], None] = 
     distiller.trainable.train()
     if policy is not None:
         policy.begin_epoch(0)
-    accum = distiller.settings.accum_steps
-    distiller.settings.accum_steps = 1
+    accum = step.settings.accum_steps
+    step.settings.accum_steps = 1
     tiny = [b for b in TINY_BATCHES if b < micro] + [micro] if micro <= TINY_BATCHES[-1] else list(TINY_BATCHES)
     measured: Dict[int, int] = {}
     out = None
     for b in tiny:
         say(f"train_step on a synthetic micro-batch of {b}")
         x, y = _synthetic_batch(b, data, num_classes, mixup, device, gen)
-        out, measured[b] = _measure_step(distiller, x, y)
+        out, measured[b] = _measure_step(step, x, y)
         if not torch.isfinite(out.loss).item():
             raise DistillError(f"{recipe.name}: the dry-run step gave a non-finite loss")
-    distiller.settings.accum_steps = accum
+    step.settings.accum_steps = accum
     # ... and once with the recipe's accumulation, on accum_steps tiny micro-batches
     if accum > 1:
         say(f"train_step with accumulation: {accum} micro-batches of {tiny[0]}")
         x, y = _synthetic_batch(tiny[0] * accum, data, num_classes, mixup, device, gen)
-        acc_out = distiller.train_step(x, y)
+        acc_out = step(x, y)
         if not torch.isfinite(acc_out.loss).item():
             raise DistillError(f"{recipe.name}: the dry-run accumulated step gave a non-finite loss")
     if policy is not None:
@@ -285,9 +278,9 @@ def dry_run(recipe: Recipe, offline: bool = False, say: Callable[[str], None] = 
                + (f", x{s.decay_rate} at {s.decay_epochs()}" if s.name == "multistep" else "")
                + (f", warm-up {s.warmup_epochs} epochs from {s.warmup_lr}" if s.warmup_epochs else "")
                + (f", min lr {s.min_lr}" if s.name == "cosine" else ""))
-    st = distiller.settings
+    st = step.settings
     report.add("precision", f"{st.precision} (run.precision {r.precision})"
-               + (", fp16 GradScaler (state in checkpoints)" if distiller.scaler is not None else ""))
+               + (", fp16 GradScaler (state in checkpoints)" if step.scaler is not None else ""))
     report.add("compile", "torch.compile of the student and of each teacher (not applied in the dry run)"
                if r.compile else "off (eager)")
     report.add("channels_last", "on: student, teachers and batches" if r.channels_last else "off")

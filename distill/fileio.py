@@ -6,9 +6,6 @@ a directory, an unreadable, empty, undecodable or truncated file into a
 :func:`atomic_write` (temporary file in the same folder, fsync, ``os.replace``), so a failed
 write (full disk, no permission) leaves the previous file whole; :func:`ensure_dir` checks
 an output folder before anything is written to it.
-
-Tests only: ``DISTILL_TEST_FAIL_WRITE=<substring>[@N]`` makes writes to paths containing
-the substring fail with ``ENOSPC`` (a full disk), see :func:`check_write_fault`.
 """
 
 from __future__ import annotations
@@ -98,26 +95,6 @@ def load_torch_file(path: PathLike, what: str = "weights file") -> Dict[str, Any
                            f"({text.split('. ')[0][:200]})") from None
 
 
-_fault_hits = 0
-
-
-def check_write_fault(path: PathLike) -> None:
-    """Tests only: raise ``OSError(ENOSPC)`` (a full disk) for writes to paths containing a substring.
-
-    ``$DISTILL_TEST_FAIL_WRITE`` is ``SUBSTRING`` (every matching write fails) or
-    ``SUBSTRING@N`` (the N-th matching write of this process and all later ones fail).
-    """
-    global _fault_hits
-    spec = os.environ.get("DISTILL_TEST_FAIL_WRITE")
-    if not spec:
-        return
-    fragment, _, nth = spec.rpartition("@") if "@" in spec else (spec, "", "1")
-    if fragment in str(path):
-        _fault_hits += 1
-        if _fault_hits >= int(nth):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-
 def write_error(path: PathLike, exc: OSError) -> DistillError:
     """Return the one-line DistillError for a write to ``path`` that failed with ``exc``."""
     hint = "; free some space and resume with --resume" if exc.errno == errno.ENOSPC else ""
@@ -138,7 +115,6 @@ def write_temp(path: PathLike, write: Callable[[str], None]) -> str:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide run files from other users
-        check_write_fault(path)
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())

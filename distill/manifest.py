@@ -7,6 +7,10 @@ the same function, wherever their weights came from (Hub, file, URL, trained her
 ``diff(old, new)`` lists how two JSON-like records differ, one readable line per leaf::
 
     teachers[1] (1:hf-hub:org/net).commit: 'a1b2...' in the checkpoint, 'c3d4...' now
+
+``record_differences(stored, expected)`` is the one identity check of the toolkit (a
+resumed run against its checkpoint, a trained teacher against its folder, a teacher cache
+against the recipe): ``expected`` as it would be stored, then ``diff``.
 """
 
 from __future__ import annotations
@@ -85,4 +89,15 @@ def diff(old: Any, new: Any, path: str = "", old_label: str = "in the checkpoint
                 lines += diff(old[i], new[i], _label(sub, old[i]), old_label, new_label)
     elif not _same(old, new):
         lines.append(f"{where}: {_show(old)} {old_label}, {_show(new)} {new_label}")
+    return lines
+
+
+def record_differences(stored: Any, expected: Any, path: str = "", stored_label: str = "in the checkpoint",
+                       expected_label: str = "now") -> List[str]:
+    """Return one line per difference between a record read back from JSON (``stored``) and
+    ``expected`` after the same JSON round trip (tuples become lists); empty: the same record."""
+    expected = json.loads(json.dumps(expected))
+    lines = diff(stored, expected, path, stored_label, expected_label)
+    if not lines and stored != expected:  # equal to diff's rule (1 vs 1.0), not to Python's
+        lines = [f"{path or '(whole record)'}: {_show(stored)} {stored_label}, {_show(expected)} {expected_label}"]
     return lines

@@ -15,15 +15,17 @@ import yaml
 from .data import DataBundle, build_data, build_loader, build_mixup, eval_sampler, train_sampler
 from . import distributed
 from .classes import fit_class_count
+from .build import build_train_step
 from .classmap import resolve_class_map
-from .build import build_distiller
-from .engine import Trainer, TrainResult, autocast_dtype, evaluate, resolve_device, seed_everything
+from .engine import Trainer, TrainResult, evaluate
 from .errors import DistillError
 from .fileio import ensure_dir, read_json, write_text
-from .manifest import content_hash, diff
+from .manifest import content_hash, record_differences
+from .optim import build_scheduler
 from .recipe import Recipe, TeacherConfig, to_dict
 from .recipe_load import teacher_configs
 from .resolve import DataSpec, ResolvedModel, load_student_checkpoint, resolve_model
+from .runtime import autocast_dtype, resolve_device, seed_everything
 from .taps import FeatureTap, parse_feature_tap
 from .teachers import InputAdapter, Teacher
 from .weightfile import label
@@ -145,9 +147,10 @@ class RecipeRunner:
     def _train_alone(self, resolved: ResolvedModel, run_dir: Path, optim, schedule, seed: int, label: str,
                      identity: Dict[str, Any], resume: bool, batch_transform=None) -> TrainResult:
         """Train ``resolved.model`` with cross-entropy alone (no teachers) in ``run_dir``."""
-        distiller = build_distiller(resolved.model, [], FeatureTap("pre_logits"), self.bundle.input_size,
-                                    self.recipe.distill, optim, self.recipe.run, self.device)
-        trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, resolved.arch,
+        step = build_train_step(resolved.model, [], FeatureTap("pre_logits"), self.bundle.input_size,
+                                self.recipe.distill, optim, self.recipe.run, self.device)
+        scheduler = build_scheduler(step.optimizer, schedule, len(self.train_loader))
+        trainer = Trainer(step, scheduler, self.train_loader, self.val_loader, self.data_spec, resolved.arch,
                           resolved.model_args, schedule, self.recipe.run, run_dir, seed,
                           {"identity": identity}, label, batch_transform=batch_transform)
         return trainer.fit(resume=resume)
@@ -197,9 +200,8 @@ class RecipeRunner:
     @staticmethod
     def _check_identity(run_dir: Path, identity: Dict[str, Any]) -> None:
         stored = read_json(run_dir / "last.json", "checkpoint state").get("identity")
-        expected = json.loads(json.dumps(identity))
-        if stored != expected:
-            lines = "; ".join(diff(stored, expected, "", "cached", "in this recipe"))
+        lines = "; ".join(record_differences(stored, identity, "", "cached", "in this recipe"))
+        if lines:
             raise DistillError(f"{run_dir}: cached teacher was trained with different settings ({lines}); "
                                "delete that folder or choose another output_dir")
 
@@ -225,25 +227,27 @@ class RecipeRunner:
 
         seed_everything(recipe.seed)
         student = self._resolve(recipe.student, "student.model", fit_head=True)
-        distiller = build_distiller(student.model, teachers, self.tap, self.bundle.input_size, recipe.distill,
-                                    recipe.optim, recipe.run, self.device)
-        pool = distiller.pool
-        if recipe.run.teacher_cache is not None and len(pool):  # stored views replayed, teachers looked up
-            from .cache.recipes import cached_train_loader, training_cache
+        step = build_train_step(student.model, teachers, self.tap, self.bundle.input_size, recipe.distill,
+                                recipe.optim, recipe.run, self.device)
+        pool, cache = step.task.pool, None
+        if recipe.run.teacher_cache is not None and len(pool):  # stored views replayed, teachers' outputs with them
+            from .cache.recipes import training_cache
+            from .cache.source import cached_train_loader
 
-            distiller.teacher_cache = training_cache(recipe, self.bundle, pool, self.device,
-                                                     autocast_dtype(recipe.run.precision, self.device))
-            self.train_loader = cached_train_loader(recipe, self.bundle.train, distiller.teacher_cache)
+            cache = training_cache(recipe, self.bundle, pool, self.device,
+                                   autocast_dtype(recipe.run.precision, self.device))
+            self.train_loader = cached_train_loader(recipe, self.bundle.train, cache)
         if recipe.run.pool_check != "off" and len(pool):  # cheap: top-1 on a few training batches (live or cached)
             from .pool_check import pre_training_check
 
             pre_training_check(pool, self.bundle.train, distributed.local_batch_size(recipe.data.batch_size),
                                self.device, autocast_dtype(recipe.run.precision, self.device),
                                recipe.run.channels_last, self.bundle.num_classes, recipe.run.pool_check, _say,
-                               cache=distiller.teacher_cache)
+                               cache=cache)
         identity = {"student": recipe.student.model, "teachers": [t.source for t in teachers],
                     "distill": asdict(recipe.distill)}  # the loss and the policy with its arguments
-        trainer = Trainer(distiller, self.train_loader, self.val_loader, self.data_spec, student.arch,
+        scheduler = build_scheduler(step.optimizer, recipe.schedule, len(self.train_loader))
+        trainer = Trainer(step, scheduler, self.train_loader, self.val_loader, self.data_spec, student.arch,
                           student.model_args, recipe.schedule, recipe.run, self.run_dir,
                           recipe.seed, {"identity": identity}, "distill",
                           batch_transform=build_mixup(recipe.data, self.bundle.num_classes))

@@ -63,7 +63,7 @@ class DataConfig:
 class OptimConfig:
     """Optimiser, built by ``timm.optim.create_optimizer_v2``."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = True
@@ -78,7 +78,7 @@ class OptimConfig:
 class ScheduleConfig:
     """Epoch-based LR schedule, built by ``timm.scheduler.create_scheduler_v2``."""
 
-    name: Literal["multistep", "cosine", "constant"] = "multistep"
+    name: str = "multistep"
     epochs: int = 240
     milestones: Optional[List[int]] = None  # None: 5/8, 3/4 and 7/8 of epochs (150/180/210 at 240, the paper's)
     decay_rate: float = 0.1
@@ -101,11 +101,11 @@ class TeacherTrainConfig:
 
     epochs: int = 10
     lr: float = 0.05
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: Literal["multistep", "cosine", "constant"] = "cosine"
+    schedule: str = "cosine"
     milestones: List[int] = field(default_factory=list)
     warmup_epochs: int = 0
 

@@ -54,11 +54,13 @@ def registry_fields() -> Dict[str, Any]:
     """Return ``{recipe field: the registry its value names}`` (docs and validation read the choices
     there), with every registering module imported. ``data.dataset`` also takes ``hfds/NAME[:config]``
     and ``distill.features`` a stage index."""
-    from . import data, losses, policies, taps  # noqa: F401  (register datasets, augment kinds, losses, ...)
-    from .registries import AUGMENTS, DATASETS, LOSSES, POLICIES, TAPS
+    from . import data, losses, optim, policies, taps  # noqa: F401  (register datasets, augment kinds, losses, ...)
+    from .registries import AUGMENTS, DATASETS, LOSSES, OPTIMIZERS, POLICIES, SCHEDULES, TAPS
 
     return {"data.dataset": DATASETS, "data.augment": AUGMENTS, "distill.logit_loss": LOSSES,
-            "distill.features": TAPS, "distill.policy": POLICIES}
+            "distill.features": TAPS, "distill.policy": POLICIES, "optim.name": OPTIMIZERS,
+            "schedule.name": SCHEDULES, "teachers[i].train.optimizer": OPTIMIZERS,
+            "teachers[i].train.schedule": SCHEDULES}
 
 
 def validate(recipe: Recipe, check_data: bool = True) -> None:
@@ -67,12 +69,19 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
     ``check_data=False`` (dry runs) skips the checks that need the dataset on disk.
     """
     from . import data, resolve  # late: these import torch / timm (a bad YAML fails fast)
-    from .registries import AUGMENTS, LOSSES, POLICIES
+    from .registries import AUGMENTS, LOSSES, OPTIMIZERS, POLICIES, SCHEDULES
     from .taps import parse_feature_tap
 
     registry_fields()  # every registering module imported
     data.dataset_info(recipe.data.dataset).check(recipe.data, check_data)
     AUGMENTS.get(recipe.data.augment, "data.augment")
+    OPTIMIZERS.get(recipe.optim.name, "optim.name")
+    SCHEDULES.get(recipe.schedule.name, "schedule.name")
+    for i, teacher in enumerate(recipe.teachers or []):
+        train = getattr(teacher, "train", None)
+        if train is not None:
+            OPTIMIZERS.get(train.optimizer, f"teachers[{i}].train.optimizer")
+            SCHEDULES.get(train.schedule, f"teachers[{i}].train.schedule")
     for name in ("batch_size", "num_workers"):
         if getattr(recipe.data, name) < (1 if name == "batch_size" else 0):
             raise RecipeError(f"data.{name}", f"bad value {getattr(recipe.data, name)}")

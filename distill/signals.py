@@ -27,6 +27,19 @@ class TeacherOutputs:
         """Return M."""
         return self.logits.shape[0]
 
+    def _map(self, fn) -> "TeacherOutputs":
+        features = [fn(f) for f in self.features]
+        embeddings = [new if e is old else fn(e) for e, old, new in zip(self.embeddings, self.features, features)]
+        return TeacherOutputs(fn(self.logits), features, embeddings)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "TeacherOutputs":
+        """Return the outputs on ``device`` (an embedding that is its feature stays one tensor)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "TeacherOutputs":
+        """Return the outputs in pinned host memory (what a DataLoader with ``pin_memory`` calls)."""
+        return self._map(lambda t: t.pin_memory())
+
 
 @dataclass
 class StudentOutputs:

@@ -2,7 +2,7 @@
 
 A tiny digits recipe runs as ``python -m distill.cli train`` in a subprocess. Tests-only
 environment hooks slow it down or pause it at a point of the checkpoint write
-(``DISTILL_TEST_STEP_DELAY``, ``DISTILL_TEST_PAUSE_AT``); the kills are real signals.
+(``DISTILL_TEST_STEP_DELAY``, ``DISTILL_TEST_PAUSE_AT``: tests/hooks/sitecustomize.py); the kills are real signals.
 """
 
 import json
@@ -25,6 +25,7 @@ from distill.recipe_load import recipe_from_dict
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
+PYTHONPATH = os.pathsep.join([str(ROOT), str(ROOT / "tests" / "hooks")])  # + tests-only hooks
 
 
 def _raw(run_dir: Path, epochs: int = 2) -> dict:
@@ -41,7 +42,7 @@ def _raw(run_dir: Path, epochs: int = 2) -> dict:
 
 
 def _start(recipe: Path, *args: str, **env: str) -> subprocess.Popen:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH, **env}
     return subprocess.Popen([sys.executable, "-m", "distill.cli", "train", str(recipe), *args], cwd=ROOT,
                             env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -26,6 +26,7 @@ from .conftest import SHARED_DATA
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
+PYTHONPATH = os.pathsep.join([str(ROOT), str(ROOT / "tests" / "hooks")])  # + tests-only hooks
 AKAMASTER = SHARED_DATA / "weights" / "akamaster_resnet_cifar10"
 RESNET56 = AKAMASTER / "resnet56-4bfd9763.th"
 needs_aka = pytest.mark.skipif(not RESNET56.is_file(), reason=f"shared weights not found: {RESNET56}")
@@ -38,7 +39,7 @@ def _command(name: str) -> str:
 
 
 def _env(tmp_path: Path, **extra: str) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DISTILL_HOME": str(tmp_path / "home"),
+    return {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "DISTILL_HOME": str(tmp_path / "home"),
             **extra}
 
 

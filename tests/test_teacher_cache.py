@@ -25,6 +25,7 @@ from distill.recipe_load import recipe_from_dict
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
+HOOKED_PATH = os.pathsep.join([str(REPO), str(REPO / "tests" / "hooks")])  # + tests-only hooks
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +158,32 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+
+def test_cached_outputs_arrive_with_the_batch_from_a_loader_worker(tmp_path):
+    """With run.teacher_cache the loader's worker looks the batch up: batches are (x, y, TeacherOutputs)
+    and the outputs are the pool's on exactly those replayed views (fp16 storage)."""
+    from distill.cache.recipes import training_cache
+    from distill.cache.source import cached_train_loader
+    from distill.recipe_load import load_recipe, teacher_configs
+    from distill.signals import TeacherOutputs
+    from distill.teachers import TeacherPool
+
+    recipe = load_recipe(str(_recipe_file(tmp_path)), ["run.teacher_cache=auto", "data.fixed_views=2",
+                                                       "data.num_workers=1"])
+    runner = RecipeRunner(recipe)
+    pool = TeacherPool([runner.prepare_teacher(i, cfg) for i, cfg in enumerate(teacher_configs(recipe))])
+    cache = training_cache(recipe, runner.bundle, pool, torch.device("cpu"), None)
+    loader = cached_train_loader(recipe, runner.bundle.train, cache)
+    assert loader.num_workers == 1
+    loader.sampler.set_epoch(1)  # the second stored view of every image
+    x, y, teachers = next(iter(loader))
+    assert isinstance(teachers, TeacherOutputs) and teachers.logits.shape == (2, 16, 10)
+    live = pool(x)
+    torch.testing.assert_close(teachers.logits.softmax(-1), live.logits.softmax(-1), atol=2e-3, rtol=5e-3)
+    for cached, computed in zip(teachers.features, live.features):
+        assert cached.shape == computed.shape and cached.dtype == torch.float32
+        torch.testing.assert_close(cached, computed, atol=2e-2, rtol=1e-2)
+
 def test_killed_build_resumes_to_a_byte_identical_cache(tmp_path, capsys):
     recipe = _recipe_file(tmp_path)
     args = ["build", str(recipe), "--views", "3", "--top-k", "4", "--shard-images", "16"]
@@ -170,7 +197,7 @@ def test_killed_build_resumes_to_a_byte_identical_cache(tmp_path, capsys):
     assert "96/96 images (6 of 6 shards)" in out and "top-k      4 of 10" in out and "3 per image" in out
 
     home = tmp_path / "killed_home"
-    env = dict(os.environ, DISTILL_HOME=str(home), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+    env = dict(os.environ, DISTILL_HOME=str(home), PYTHONPATH=HOOKED_PATH, OMP_NUM_THREADS="1",
                DISTILL_TEST_SHARD_DELAY="0.4")
     proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "cache", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

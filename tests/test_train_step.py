@@ -9,7 +9,7 @@ import timm
 import torch
 
 import zoo  # noqa: F401
-from distill.build import build_distiller
+from distill.build import build_train_step
 from distill.checkpoint import load_checkpoint, save_checkpoint
 from distill.engine import EpochMeter
 from distill.recipe import DistillConfig, OptimConfig, RunConfig
@@ -43,7 +43,7 @@ def _teachers():
 def _distiller(student=None, teachers=None, policy="aver", run=None, **optim):
     torch.manual_seed(0)  # projector initialisation
     optim = OptimConfig(**{"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, **optim})
-    return build_distiller(student if student is not None else _vit(1), teachers if teachers is not None else _teachers(),
+    return build_train_step(student if student is not None else _vit(1), teachers if teachers is not None else _teachers(),
                            TAP, DATA.input_size, DistillConfig(policy=policy), optim,
                            run or RunConfig(device="cpu", precision="fp32"), CPU)
 
@@ -85,6 +85,20 @@ def test_accumulation_without_the_loss_scaling_would_differ():
     diff = max((a - b).abs().max().item() for a, b in zip(_params(one).values(), _params(acc).values()))
     assert diff > 1e-4
 
+
+
+def test_teachers_carried_with_the_batch_equal_the_live_pool_under_accumulation():
+    """A step given the teachers' outputs (as the cache delivers them) equals the step that runs
+    the pool itself, with the outputs cut into the accumulation's micro-batches."""
+    live, carried = _distiller(accum_steps=2), _distiller(accum_steps=2)
+    for x, y in _batches(2, 16):
+        teachers = carried.task.pool(x)
+        a, b = live(x, y), carried(x, y, teachers)
+        assert b.per_sample.shape == (16,) and b.weights.logit.shape == (16, 2)
+        torch.testing.assert_close(b.per_sample, a.per_sample, rtol=1e-5, atol=1e-6)
+    for key, value in _params(live).items():
+        torch.testing.assert_close(_params(carried)[key], value, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(v, _params(_distiller())[k]) for k, v in _params(live).items())  # they trained
 
 @pytest.mark.parametrize("mode", ["norm", "value"])
 def test_clip_grad_bounds_the_gradient(mode):

@@ -12,7 +12,6 @@ batches are fixed by the shard and view, never by where the build stopped). Rank
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,16 +23,13 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..data import PARAMS, SeededDataset, dataset_targets, ignore_interrupts
-from ..engine import autocast
 from ..errors import DistillError
 from ..fileio import read_json, write_text
+from ..runtime import autocast
 from ..teachers import TeacherPool
 from .items import ViewItems, seeded_keys, shard_ranges
 from .store import file_sha256, read_index, save_shard, shard_name
 from .topk import topk_soft_labels
-
-
-_TEST_SHARD_DELAY = float(os.environ.get("DISTILL_TEST_SHARD_DELAY", "0") or 0)  # seconds per shard; tests only
 
 
 def _record_path(folder: Path, shard: int) -> Path:
@@ -145,8 +141,6 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
         if view == views - 1 and int(rows[-1]) == buffer.count - 1:  # the shard's last batch
             write_shard(folder, shard, ranges[shard], buffer.tensors)
             buffer = None
-            if _TEST_SHARD_DELAY:  # tests only: slow the build down so a kill lands between shards
-                time.sleep(_TEST_SHARD_DELAY)
     bar.close()
     elapsed = time.perf_counter() - started
     if total and distributed.is_main():

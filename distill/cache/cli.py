@@ -18,7 +18,7 @@ from .store import KEY_LENGTH, cache_root, read_index
 
 def _recipe_parts(recipe_path: str, overrides: List[str]) -> Tuple[Any, Any, Any, Any, Any]:
     """Return ``(recipe, bundle, pool, device, dtype)`` of a recipe file, teachers prepared."""
-    from ..engine import autocast_dtype
+    from ..runtime import autocast_dtype
     from ..pipeline import RecipeRunner
     from ..recipe_load import load_recipe, teacher_configs
     from ..teachers import TeacherPool

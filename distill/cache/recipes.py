@@ -1,4 +1,4 @@
-"""From a recipe to its teacher cache: the spec and key, ``run.teacher_cache`` and the loader.
+"""From a recipe to its teacher cache: the spec and key, ``run.teacher_cache``.
 
 The views are drawn with ``run.teacher_cache_view_seed`` (default: the training ``seed``), so
 the runs of a study that differ only in ``seed`` share one cache when they set it (their
@@ -18,13 +18,11 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from .. import distributed
-from ..data import DataBundle, EpochSampler, build_loader, train_sampler
+from ..data import DataBundle
 from ..teachers import TeacherPool
 from .build import build_shards
-from .items import CachedViews, ViewSampler
 from .store import TeacherCache, cache_key, cache_root, cache_spec, open_cache
 
 DEFAULT_SHARD_IMAGES = 1024
@@ -85,12 +83,3 @@ def training_cache(recipe: Any, bundle: DataBundle, pool: TeacherPool, device: t
         print(f"teacher cache: {folder} ({len(cache)} image views, top-{spec['top_k']}, "
               f"{cache.nbytes / 2**20:.0f} MiB)", flush=True)
     return cache
-
-
-def cached_train_loader(recipe: Any, train: Dataset, cache: TeacherCache) -> DataLoader:
-    """Return the training loader replaying the cache's views: ``(x, y, key)`` batches, view ``epoch mod K``."""
-    inner = train_sampler(len(train), recipe.data.batch_size, recipe.seed)
-    if inner is None:
-        inner = EpochSampler(len(train), shuffle=True, seed=recipe.seed)
-    return build_loader(CachedViews(train, cache.records), distributed.local_batch_size(recipe.data.batch_size),
-                        True, recipe.data.num_workers, recipe.seed, sampler=ViewSampler(inner, cache.num_views))

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from ..fileio import atomic_write, read_json
 from ..errors import DistillError
-from ..manifest import content_hash, diff
+from ..manifest import content_hash, record_differences
 from ..paths import distill_home
 from ..signals import TeacherOutputs
 from ..teachers import TeacherPool
@@ -251,8 +251,7 @@ def open_cache(folder: Path, spec: Optional[Dict[str, Any]] = None, rebuild_hint
     if index is None:
         raise DistillError(f"run.teacher_cache: no finished teacher cache in {folder}{rebuild_hint}")
     if spec is not None:
-        spec = json.loads(json.dumps(spec))
-        lines = diff(index["spec"], spec, "", "in the cache", "in this recipe")
+        lines = record_differences(index["spec"], spec, "", "in the cache", "in this recipe")
         if lines:
             raise DistillError(f"run.teacher_cache: cache {index['key']} does not match this recipe: "
                                + "; ".join(lines))
