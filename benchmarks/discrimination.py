@@ -133,26 +133,26 @@ class PairWeights:
 @contextlib.contextmanager
 def recording_pairs(run_dir: Path, corruptions: Dict[int, str]) -> Iterator[None]:
     """Within the block, the distillation run's policy records :class:`PairWeights` into
-    ``run_dir/pair_weights.json`` (the Distiller the pipeline builds gets it attached)."""
+    ``run_dir/pair_weights.json`` (the task of the TrainStep the pipeline builds gets it attached)."""
     import distill.pipeline as pipeline
 
     if not any(k in PAIR_KINDS for k in corruptions.values()):
         yield
         return
-    original = pipeline.build_distiller
+    original = pipeline.build_train_step
     recorder = PairWeights(run_dir / "pair_weights.json", corruptions)
 
     def build(*args, **kwargs):
-        distiller = original(*args, **kwargs)
-        if distiller.policy is not None:  # the distillation run (a teacher's own training has none)
-            recorder.attach(distiller.policy)
-        return distiller
+        step = original(*args, **kwargs)
+        if step.task.policy is not None:  # the distillation run (a teacher's own training has none)
+            recorder.attach(step.task.policy)
+        return step
 
-    pipeline.build_distiller = build
+    pipeline.build_train_step = build
     try:
         yield
     finally:
-        pipeline.build_distiller = original
+        pipeline.build_train_step = original
 
 
 class DiscriminationStudy(accuracy.Study):

@@ -29,7 +29,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.distiller import Distiller, TrainSettings  # noqa: E402
+from distill.distiller import Distiller  # noqa: E402
+from distill.step import TrainSettings, TrainStep  # noqa: E402
 from distill.policies import build_policy  # noqa: E402
 from distill.resolve import DataSpec  # noqa: E402
 from distill.taps import FeatureTap  # noqa: E402
@@ -116,7 +117,7 @@ def run(policy_key, teachers, data, seed, epochs, lr):
                         for i, t in enumerate(teachers)])
     policy = build_policy(name, len(teachers), dict(args))
     distiller = Distiller(MLP(32), pool, policy, TAP, DATA.input_size)
-    distiller.setup_training(torch.optim.SGD(distiller.trainable.parameters(), lr=lr, momentum=0.9), TrainSettings())
+    step = TrainStep(distiller, torch.optim.SGD(distiller.trainable.parameters(), lr=lr, momentum=0.9), TrainSettings())
     with torch.no_grad():
         bad = corrupted(teachers[0](x))
     share = []
@@ -126,7 +127,7 @@ def run(policy_key, teachers, data, seed, epochs, lr):
         share = []
         for s in range(0, len(y) - 63, 64):
             idx = order[s:s + 64]
-            out = distiller.train_step(x[idx], y[idx])
+            out = step(x[idx], y[idx])
             w = out.weights.logit[bad[idx]]
             share.append(w[:, 2] * len(teachers))
         policy.end_epoch(epoch)

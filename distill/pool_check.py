@@ -196,7 +196,7 @@ def pool_batches(pool: TeacherPool, loader, device: torch.device, dtype: Optiona
                  desc: str = "pool check") -> Iterator[Tuple[Tensor, Tensor]]:
     """Yield ``(logits (M, B, C), labels (B,))`` of ``pool`` on ``loader``'s ``(x, y)`` batches, the pool run as
     the training step runs it: on ``device``, under autocast ``dtype``, channels-last when asked."""
-    from .distiller import autocast
+    from .runtime import autocast
 
     pool.to(device)
     if channels_last:
@@ -278,7 +278,7 @@ def check_pool(recipe: Any, split: str = "val", limit: Optional[int] = None, pro
     ``limit`` of it. Teachers are built as ``distill-train`` builds them; one trained here
     (``train:``) whose training has not finished is listed under ``skipped``."""
     from .data import LabeledSubset, balanced_subset, build_loader, dataset_targets
-    from .engine import autocast_dtype, seed_everything
+    from .runtime import autocast_dtype, seed_everything
     from .errors import DistillError
     from .pipeline import RecipeRunner
     from .recipe_load import teacher_configs
