@@ -285,7 +285,7 @@ def _pool_check(argv: List[str]) -> int:
 
 
 def _cache(argv: List[str]) -> int:
-    from .cache.cli import main as cache_cli
+    from .cache_cli import main as cache_cli
 
     return cache_cli(argv)
 

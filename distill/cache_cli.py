@@ -10,18 +10,18 @@ import argparse
 from pathlib import Path
 from typing import Any, List, Tuple
 
-from ..cli_parser import CommandParser, run_subcommand
-from ..errors import DistillError
-from ..fileio import read_json
-from .store import KEY_LENGTH, cache_root, read_index
+from .cli_parser import CommandParser, run_subcommand
+from .errors import DistillError
+from .fileio import read_json
+from .cache.store import KEY_LENGTH, cache_root, read_index
 
 
 def _recipe_parts(recipe_path: str, overrides: List[str]) -> Tuple[Any, Any, Any, Any, Any]:
     """Return ``(recipe, bundle, pool, device, dtype)`` of a recipe file, teachers prepared."""
-    from ..runtime import autocast_dtype
-    from ..pipeline import RecipeRunner
-    from ..recipe_load import load_recipe, teacher_configs
-    from ..teachers import TeacherPool
+    from .runtime import autocast_dtype
+    from .pipeline import RecipeRunner
+    from .recipe_load import load_recipe, teacher_configs
+    from .teachers import TeacherPool
 
     recipe = load_recipe(recipe_path, ["run.teacher_cache=auto", *overrides])
     runner = RecipeRunner(recipe)
@@ -33,8 +33,8 @@ def _recipe_parts(recipe_path: str, overrides: List[str]) -> Tuple[Any, Any, Any
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .. import distributed
-    from .recipes import build_recipe_cache
+    from . import distributed
+    from .cache.recipes import build_recipe_cache
 
     overrides = list(args.overrides)
     overrides += [f"data.fixed_views={args.views}"] if args.views is not None else []
@@ -88,8 +88,8 @@ def describe(folder: Path) -> List[str]:
 def _info(args: argparse.Namespace) -> int:
     target = args.target
     if Path(target).is_file():
-        from .projection import describe_projection, feature_shapes, project
-        from .recipes import recipe_cache_spec
+        from .cache.projection import describe_projection, feature_shapes, project
+        from .cache.recipes import recipe_cache_spec
 
         recipe, bundle, pool, device, dtype = _recipe_parts(target, list(args.overrides))
         spec = recipe_cache_spec(recipe, bundle, pool, dtype)
