@@ -268,7 +268,7 @@ def _pool_check(argv: List[str]) -> int:
 
     from .errors import DistillError
     from .fetch import offline
-    from .pool_check import check_pool
+    from .pool_command import check_pool
     from .pool_report import format_table, write_report
     from .recipe_load import load_recipe
 

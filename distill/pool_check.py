@@ -1,7 +1,7 @@
 """Know the pool before training: every teacher run as training runs it, measured on the recipe's data.
 
 :class:`PoolStats` accumulates, batch by batch on the device, what ``distill-pool check``
-reports (:func:`check_pool`) and what the pre-training check reads
+reports (:func:`distill.pool_command.check_pool`) and what the pre-training check reads
 (:func:`pre_training_check`):
 
 - per teacher: top-1 / top-5, NLL, expected calibration error (:data:`ECE_BINS` equal-width
@@ -270,46 +270,3 @@ def pre_training_check(pool: TeacherPool, train_set, batch_size: int, device: to
     for line in problems:
         say(f"pool check: {line} ({where})")
     return report
-
-
-def check_pool(recipe: Any, split: str = "val", limit: Optional[int] = None, progress: bool = True) -> Dict[str, Any]:
-    """Return ``distill-pool check``'s report of a recipe's teachers on its ``split`` (``val``: the test
-    images; ``train``: the training images as training loads them, augmented) or a class-balanced
-    ``limit`` of it. Teachers are built as ``distill-train`` builds them; one trained here
-    (``train:``) whose training has not finished is listed under ``skipped``."""
-    from .data import LabeledSubset, balanced_subset, build_loader, dataset_targets
-    from .runtime import autocast_dtype, seed_everything
-    from .errors import DistillError
-    from .pipeline import RecipeRunner
-    from .recipe_load import teacher_configs
-
-    runner = RecipeRunner(recipe)
-    configs = teacher_configs(recipe)
-    if not configs:
-        raise DistillError(f"{recipe.name}: the recipe has no teachers to check")
-    teachers, skipped = [], []
-    for i, cfg in enumerate(configs):
-        if runner.teacher_ready(i, cfg):
-            teachers.append(runner.prepare_teacher(i, cfg))
-        else:
-            skipped.append({"index": i, "model": cfg.model,
-                            "reason": f"trained here (train:) and not trained yet in {runner.teacher_dir(i, cfg)}"})
-    if not teachers:
-        raise DistillError(f"{recipe.name}: every teacher is trained here and none is trained yet; run distill-train "
-                           "first (the check reads the trained teachers from the run directory)")
-    dataset = runner.bundle.val if split == "val" else runner.bundle.train
-    if limit is not None and limit < len(dataset):
-        dataset = LabeledSubset(dataset, balanced_subset(dataset_targets(dataset), limit))
-    batch = recipe.data.eval_batch_size or 2 * recipe.data.batch_size
-    loader = build_loader(dataset, batch, False, recipe.data.num_workers, recipe.seed)
-    seed_everything(recipe.seed)  # the training split's augmentation draws from it
-    dtype = autocast_dtype(recipe.run.precision, runner.device)
-    started = time.perf_counter()
-    pool = TeacherPool(teachers)
-    batches = pool_batches(pool, loader, runner.device, dtype, recipe.run.channels_last, progress, f"pool check ({split})")
-    report = summarise(batches, pool, runner.bundle.num_classes, runner.device)
-    precision = "fp32" if dtype is None else str(dtype).replace("torch.", "")
-    return {"recipe": recipe.name, "dataset": recipe.data.dataset, "split": split, "device": str(runner.device),
-            "precision": precision, "seconds": time.perf_counter() - started, **report,
-            "class_names": list(runner.bundle.class_names), "skipped": skipped,
-            "sources": [t.source for t in teachers]}

@@ -101,7 +101,7 @@ def test_shifted_teacher_is_found_and_its_printed_line_restores_the_original(cif
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
 
     # with the printed line the shifted teacher scores the original's top-1 on the same images
-    from distill.pool_check import check_pool
+    from distill.pool_command import check_pool
 
     fixed = {"model": SPEC, "weights": str(shifted), **yaml.safe_load(line)}
     again = check_pool(recipe_from_dict(recipe_dict(cifar10_jpeg_root, [SPEC, fixed])), "val", LIMIT, progress=False)
