@@ -42,7 +42,6 @@ def cached_train_loader(recipe: Any, train: Dataset, cache: TeacherCache) -> Dat
     inner = train_sampler(len(train), recipe.data.batch_size, recipe.seed)
     if inner is None:
         inner = EpochSampler(len(train), shuffle=True, seed=recipe.seed)
-    loader = build_loader(CachedViews(train, cache.records), distributed.local_batch_size(recipe.data.batch_size),
-                          True, recipe.data.num_workers, recipe.seed, sampler=ViewSampler(inner, cache.num_views))
-    loader.collate_fn = CachedTeacherBatches(cache)  # read when the (persistent) workers start: not yet
-    return loader
+    return build_loader(CachedViews(train, cache.records), distributed.local_batch_size(recipe.data.batch_size),
+                        True, recipe.data.num_workers, recipe.seed, sampler=ViewSampler(inner, cache.num_views),
+                        collate_fn=CachedTeacherBatches(cache))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -281,8 +281,8 @@ class SeededDataset(Dataset):
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int,
-                 sampler: Optional[Sampler] = None) -> DataLoader:
-    """Return a DataLoader over ``dataset``.
+                 sampler: Optional[Sampler] = None, collate_fn: Optional[Callable] = None) -> DataLoader:
+    """Return a DataLoader over ``dataset`` (batches made by ``collate_fn``, default torch's).
 
     Training loaders visit the dataset in the order of ``sampler`` (default: an
     :class:`EpochSampler` with ``shuffle=True`` and ``seed``) and drop the last partial
@@ -309,7 +309,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
         drop_last = False
     return DataLoader(loader_dataset, batch_size=batch_size, sampler=loader_sampler, num_workers=num_workers,
                       drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0, worker_init_fn=ignore_interrupts)
+                      persistent_workers=num_workers > 0, worker_init_fn=ignore_interrupts, collate_fn=collate_fn)
 
 
 def ignore_interrupts(worker_id: int) -> None:
