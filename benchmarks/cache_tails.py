@@ -24,7 +24,9 @@ Reconstructions: ``format 1`` (the first format: every tail class at ``rest - lo
 ``uniform`` (the tail's mass at ``T`` exact, spread uniformly: ``run.teacher_cache_sketch=0``)
 and ``sketch r`` (the same exact mass, shaped by a rank-``r`` sketch,
 :mod:`distill.cache.sketch`, whose basis is fitted on 2,048 other items of the same teacher,
-as a cache build fits it on its first rows).
+as a cache build fits it on its first rows). Last, per teacher, the same bytes spent on a
+larger ``k`` instead of a sketch (``r`` fp16 coefficients cost as much as ``r / 2`` more
+top-k logits and ids).
 Run: ``python benchmarks/cache_tails.py`` (a few minutes on one core).
 """
 
@@ -168,6 +170,12 @@ def table() -> str:
                             f"| {m['cos']:.3f} | {m['cos_median']:.3f} | {m['ce_mean']:.3f} / {m['ce_max']:.3f} "
                             f"| {m['ce_outside']:.3f} ({m['outside']}) |")
         lines += rows["random"] + rows["near"] + [""]
+        equal = [compare(students["random"], teacher, cached_logits(teacher, labels, 10 + r // 2, 4.0), labels, 4.0,
+                         10 + r // 2) for r in RANKS]  # r fp16 coefficients take the bytes of r / 2 more top-k entries
+        lines += [f"{teacher_kind} teacher, random student, T = 4, the same bytes spent on a larger k instead of a "
+                  "sketch on top-10 (uniform fill): " + "; ".join(
+                      f"k = {10 + r // 2} (as top-10 + sketch {r}): KD {m['kd_rel']:+.3f}, grad cos {m['cos']:.3f}"
+                      for r, m in zip(RANKS, equal)), ""]
     return "\n".join(lines)
 
 
