@@ -53,7 +53,7 @@ def _recipe_file(tmp_path, **run):
 BUILD = ["--views", "2", "--top-k", "3", "--sketch", "4", "--shard-images", "32"]
 
 
-def test_a_sketched_cache_round_trips_through_build_and_lookup(tmp_path):
+def test_a_sketched_cache_round_trips_through_build_and_lookup(tmp_path, capsys):
     from distill.cache.recipes import training_cache
     from distill.cache.source import cached_train_loader
     from distill.pipeline import RecipeRunner
@@ -63,6 +63,8 @@ def test_a_sketched_cache_round_trips_through_build_and_lookup(tmp_path):
     recipe_path = _recipe_file(tmp_path)
     assert cache_main(["build", str(recipe_path), *BUILD]) == 0
     (folder,) = list(cache_root().iterdir())
+    assert cache_main(["info", folder.name]) == 0 and "top-k      3 of 10 classes, tails at T = 4, shaped by a rank-4 " \
+        "sketch" in capsys.readouterr().out
     index = json.loads((folder / "index.json").read_text())
     assert index["spec"]["sketch"] == 4 and index["sketch"]["file"] == SKETCH_FILE
     assert index["sketch"]["sha256"] == file_sha256(folder / SKETCH_FILE)

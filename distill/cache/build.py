@@ -87,10 +87,13 @@ def teacher_sketch(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: T
     if not rank:
         return None
     path, record = folder / SKETCH_FILE, folder / SKETCH_FILE.replace(".safetensors", ".json")
+    images = min(len(dataset), -(-FIT_ROWS // spec["views"]))
+    if images * spec["views"] < rank:  # refused on every rank, before rank 0 would fit alone
+        raise DistillError(f"run.teacher_cache_sketch: a rank-{rank} sketch needs at least {rank} image views to "
+                           f"fit its basis; the training set gives {images * spec['views']}")
     if distributed.is_main() and not _recorded(record, path):
         for stale in folder.glob("shard-*.json"):  # shards of another basis: rebuilt with this one
             stale.unlink()
-        images = min(len(dataset), -(-FIT_ROWS // spec["views"]))
         keys = [key for view in range(spec["views"]) for key in seeded_keys(range(images), spec["view_seed"], view)]
         logits = []
         pool.to(device)
