@@ -65,7 +65,8 @@ def sketch_rank(recipe: Any, top_k: int, num_classes: int) -> int:
 
 def recipe_cache_spec(recipe: Any, bundle: DataBundle, pool: TeacherPool,
                       dtype: Optional[torch.dtype]) -> Dict[str, Any]:
-    """Return the cache spec of a recipe (``data.fixed_views`` views, ``run.teacher_top_k``, its sketch), with its ``key``."""
+    """Return the cache spec of a recipe (``data.fixed_views`` views, ``run.teacher_top_k``, the tails'
+    sketch rank), with its ``key``."""
     top_k = min(recipe.run.teacher_top_k or bundle.num_classes, bundle.num_classes)
     spec = cache_spec(bundle.train, augment_spec(recipe, bundle), view_seed(recipe), recipe.data.fixed_views or 1,
                       top_k, bundle.num_classes, pool, dtype, recipe.distill.temperature,

@@ -55,10 +55,12 @@ def default_rank(top_k: int, num_classes: int) -> int:
 
 
 def fit_sketch(logits: Tensor, rank: int) -> Sketch:
-    """Return the rank-``rank`` PCA :class:`Sketch` of ``logits (n, ..., C)`` (rows first), fp32 ``(..., C)``, ``(..., C, r)``.
+    """Return the rank-``rank`` PCA :class:`Sketch` of ``logits (n, ..., C)`` (rows first): mean fp32
+    ``(..., C)`` and basis fp32 ``(..., C, r)``.
 
     Computed in float64 on the CPU; each basis vector's sign is fixed (its largest entry
-    positive), so equal logits give an equal basis on every machine and rank.
+    positive), not left to the SVD, so refitting equal logits gives the same basis (a build's
+    ranks all read the one basis rank 0 wrote in any case).
     """
     z = logits.detach().to("cpu", torch.float64).movedim(0, -2)  # (..., n, C)
     if z.shape[-2] < rank or z.shape[-1] < rank:
@@ -73,7 +75,8 @@ def fit_sketch(logits: Tensor, rank: int) -> Sketch:
 
 
 def sketch_coefficients(logits: Tensor, sketch: Sketch) -> Tensor:
-    """Return the coefficients ``U^T (z - mu)`` fp32 ``(..., r)`` of ``logits (..., C)`` (teacher dims aligned with the sketch's)."""
+    """Return the coefficients ``U^T (z - mu)`` fp32 ``(..., r)`` of ``logits (..., C)``
+    (their trailing teacher dims aligned with the sketch's)."""
     centred = logits.float() - sketch.mean
     return (centred.unsqueeze(-2) @ sketch.basis).squeeze(-2)
 
@@ -90,7 +93,8 @@ def write_sketch(path: Path, sketch: Sketch) -> None:
 
 
 def read_sketch(path: Path) -> Sketch:
-    """Return the :class:`Sketch` stored at ``path``; a missing, unreadable or non-finite file is refused (one line naming it)."""
+    """Return the :class:`Sketch` stored at ``path``; a missing, unreadable or non-finite file is
+    refused (:class:`DistillError`, one line naming it)."""
     if not path.is_file():
         raise DistillError(f"{path}: teacher-cache sketch basis is missing; rebuild the cache with distill-cache build")
     try:
