@@ -94,6 +94,22 @@ def test_a_sketched_cache_round_trips_through_build_and_lookup(tmp_path, capsys)
     assert bool((spread > 1e-3).all())
 
 
+def test_a_resumed_build_reuses_the_recorded_basis(tmp_path, monkeypatch):
+    recipe = _recipe_file(tmp_path)
+    assert cache_main(["build", str(recipe), *BUILD]) == 0
+    (folder,) = list(cache_root().iterdir())
+    whole = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    for name in ("shard-00001.safetensors", "shard-00001.json", "index.json"):  # as a build killed before shard 1
+        (folder / name).unlink()
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the recorded basis was fitted again")
+
+    monkeypatch.setattr("distill.cache.build.fit_sketch", refit)
+    assert cache_main(["build", str(recipe), *BUILD]) == 0
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == whole
+
+
 def _nan_basis(folder):
     from safetensors.torch import load_file, save_file
 
