@@ -1,4 +1,4 @@
-"""``distill-cache build RECIPE [--views K] [--top-k k] [overrides]`` and ``distill-cache info KEY|RECIPE``.
+"""``distill-cache build RECIPE [--views K] [--top-k k] [--sketch R] [overrides]`` and ``distill-cache info KEY|RECIPE``.
 
 ``info RECIPE`` prints the projected size of the recipe's cache (:mod:`distill.cache.projection`)
 before anything is built, then the cache itself when it exists.
@@ -39,6 +39,7 @@ def _build(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     overrides += [f"data.fixed_views={args.views}"] if args.views is not None else []
     overrides += [f"run.teacher_top_k={args.top_k}"] if args.top_k is not None else []
+    overrides += [f"run.teacher_cache_sketch={args.sketch}"] if args.sketch is not None else []
     distributed.init_from_env("auto")
     try:
         recipe, bundle, pool, device, dtype = _recipe_parts(args.recipe, overrides)
@@ -52,7 +53,9 @@ def _build(args: argparse.Namespace) -> int:
     print(f"teacher cache: {folder}")
     print(f"train from it with: run.teacher_cache={folder.name} (or auto) data.fixed_views="
           f"{recipe.data.fixed_views}" + (f" run.teacher_top_k={recipe.run.teacher_top_k}"
-                                          if recipe.run.teacher_top_k else ""))
+                                          if recipe.run.teacher_top_k else "")
+          + (f" run.teacher_cache_sketch={recipe.run.teacher_cache_sketch}"
+             if recipe.run.teacher_cache_sketch is not None else ""))
     return 0
 
 
@@ -78,7 +81,8 @@ def describe(folder: Path) -> List[str]:
             f"teachers   {', '.join(t['name'] for t in spec['teachers'])}",
             f"tap        {spec['teachers'][0]['tap'][0]}",
             f"top-k      {spec['top_k']} of {spec['num_classes']} classes"
-            + (f", tails at T = {spec['tail_temperature']:g}" if spec.get("tail_temperature") else ""),
+            + (f", tails at T = {spec['tail_temperature']:g}" if spec.get("tail_temperature") else "")
+            + (f", shaped by a rank-{spec['sketch']} sketch" if spec.get("sketch") else ""),
             f"view seed  {spec['view_seed']}",
             f"autocast   {spec['autocast']}",
             f"coverage   {built}/{items} images ({len(records)} of {-(-items // shard_images)} shards)"
@@ -94,7 +98,8 @@ def _info(args: argparse.Namespace) -> int:
         recipe, bundle, pool, device, dtype = _recipe_parts(target, list(args.overrides))
         spec = recipe_cache_spec(recipe, bundle, pool, dtype)
         size = project(len(bundle.train), spec["views"], spec["top_k"], spec["num_classes"],
-                       [t["name"] for t in spec["teachers"]], feature_shapes(pool, bundle.input_size, device))
+                       [t["name"] for t in spec["teachers"]], feature_shapes(pool, bundle.input_size, device),
+                       spec.get("sketch", 0))
         print("\n".join(describe_projection(size, recipe.distill.features)))
         folder = cache_root() / spec["key"]
         if not (folder / "index.json").is_file() and not (folder / "spec.json").is_file():
@@ -115,6 +120,8 @@ def _build_main(argv: List[str]) -> int:
     parser.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. data.train_subset=4000")
     parser.add_argument("--views", type=int, help="views per image (data.fixed_views; default the recipe's, else 1)")
     parser.add_argument("--top-k", type=int, help="logits kept per teacher and view (run.teacher_top_k; default all)")
+    parser.add_argument("--sketch", type=int, help="rank of each teacher's logit sketch shaping the tail beyond "
+                        "top-k (run.teacher_cache_sketch; default 32 when more than 32 classes are dropped, 0: none)")
     parser.add_argument("--shard-images", type=int, default=1024, help="images per shard (default 1024)")
     args = parser.parse_intermixed_args(argv)
     if args.shard_images < 1:

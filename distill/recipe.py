@@ -179,6 +179,7 @@ class RunConfig:
     teacher_cache: Optional[str] = None  # auto | KEY: teachers' top-k outputs per stored view, built by distill-cache (distill.cache)
     teacher_top_k: Optional[int] = None  # teacher_cache: logits kept per teacher and view (default: all classes)
     teacher_cache_view_seed: Optional[int] = None  # teacher_cache: seed of the stored views (default: seed); runs differing only in seed then share one cache
+    teacher_cache_sketch: Optional[int] = None  # teacher_cache with teacher_top_k < classes: rank of each teacher's logit sketch giving the dropped tail its shape (default: 32 when the tail has more than 32 classes, else 0); 0: the tail spread uniformly
     sync_bn: bool = False  # under torchrun (CUDA): SyncBatchNorm in the student (default: per-rank BN statistics)
     pool_check: Literal["off", "warn", "strict"] = "warn"  # before training: each teacher's top-1 on a few training batches; warn (strict: refuse) on a teacher below chance or with another class order
 

@@ -119,6 +119,12 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
         raise RecipeError("run.teacher_cache_view_seed", f"must be >= 0, got {view_seed}")
     if recipe.run.teacher_top_k is not None and recipe.run.teacher_top_k < 1:
         raise RecipeError("run.teacher_top_k", f"must be >= 1, got {recipe.run.teacher_top_k}")
+    sketch = recipe.run.teacher_cache_sketch
+    if sketch is not None and cache is None:
+        raise RecipeError("run.teacher_cache_sketch", "sketches the tails stored in the teacher cache: set "
+                          "run.teacher_cache=auto and run.teacher_top_k, or leave it unset")
+    if sketch is not None and sketch < 0:
+        raise RecipeError("run.teacher_cache_sketch", f"must be >= 0, got {sketch}")
     if recipe.data.num_classes is not None and recipe.data.num_classes < 1:
         raise RecipeError("data.num_classes", f"must be >= 1, got {recipe.data.num_classes}")
 

@@ -269,9 +269,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_ranks_build_disjoint_shards_of_the_same_cache(tmp_path):
+@pytest.mark.parametrize("sketch", [[], ["--sketch", "4"]])  # with a sketch: rank 0 fits the basis, rank 1 reads it
+def test_two_ranks_build_disjoint_shards_of_the_same_cache(tmp_path, sketch):
     recipe = _recipe_file(tmp_path)
-    args = ["build", str(recipe), "--views", "2", "--top-k", "3", "--shard-images", "32"]
+    args = ["build", str(recipe), "--views", "2", "--top-k", "3", "--shard-images", "32", *sketch]
     assert cache_main(args) == 0
     folder = next(cache_root().iterdir())
     home = tmp_path / "ranks_home"

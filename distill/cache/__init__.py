@@ -6,6 +6,7 @@ top-k soft labels in sharded safetensors files, replayed and looked up while tra
   that replays exactly.
 - :mod:`distill.cache.items`: raw training items, the build's and the training's datasets.
 - :mod:`distill.cache.topk`: top-k soft labels and their reconstruction to full logits.
+- :mod:`distill.cache.sketch`: a low-rank sketch of each teacher's logits, the shape of the tail top-k drops.
 - :mod:`distill.cache.store`: the on-disk format (shards + index JSON), key, checksums, lookup.
 - :mod:`distill.cache.shards`: shards read row by row (nothing of the cache held in memory).
 - :mod:`distill.cache.build`: runs the pool once per view and writes the shards (resumable).

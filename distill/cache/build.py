@@ -7,6 +7,13 @@ build skips the recorded shards whose file still matches and rebuilds the rest, 
 build resumes at shard granularity and ends byte-identical to an uninterrupted one (the
 batches are fixed by the shard and view, never by where the build stopped). Rank 0 writes
 ``index.json`` last.
+
+With a sketch (:mod:`distill.cache.sketch`) rank 0 first runs the pool on the first
+``FIT_ROWS`` image views (the first images, every view, seeded as the shards seed them),
+fits every teacher's basis and writes ``sketch.safetensors`` (recorded with its SHA-256 in
+``sketch.json``, reused by a resumed build); after a barrier every rank reads that one file,
+so all shards' coefficients are in one basis. Those rows run through the pool twice (once
+for the basis, once in their shard): ``FIT_ROWS`` image views per cache.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from ..fileio import read_json, write_text
 from ..runtime import autocast
 from ..teachers import TeacherPool
 from .items import ViewItems, seeded_keys, shard_ranges
+from .sketch import FIT_ROWS, SKETCH_FILE, Sketch, fit_sketch, read_sketch, write_sketch
 from .store import file_sha256, read_index, save_shard, shard_name
 from .topk import topk_soft_labels
 
@@ -36,9 +44,8 @@ def _record_path(folder: Path, shard: int) -> Path:
     return folder / shard_name(shard).replace(".safetensors", ".json")
 
 
-def shard_done(folder: Path, shard: int) -> bool:
-    """Return True when shard ``shard`` is recorded and its file still has the recorded SHA-256."""
-    record, path = _record_path(folder, shard), folder / shard_name(shard)
+def _recorded(record: Path, path: Path) -> bool:
+    """Return True when ``record`` exists and ``path`` still has the SHA-256 it records."""
     if not record.is_file() or not path.is_file():
         return False
     try:
@@ -47,14 +54,57 @@ def shard_done(folder: Path, shard: int) -> bool:
         return False
 
 
+def _record(record: Path, path: Path, **extra: int) -> None:
+    """Write ``record``: ``path``'s name, size and SHA-256 (and ``extra``)."""
+    write_text(record, json.dumps({"file": path.name, **extra, "bytes": path.stat().st_size,
+                                   "sha256": file_sha256(path)}, sort_keys=True))
+
+
+def shard_done(folder: Path, shard: int) -> bool:
+    """Return True when shard ``shard`` is recorded and its file still has the recorded SHA-256."""
+    return _recorded(_record_path(folder, shard), folder / shard_name(shard))
+
+
 def write_shard(folder: Path, shard: int, image_range: Tuple[int, int], tensors: Dict[str, torch.Tensor]) -> None:
     """Save shard ``shard`` (images ``image_range``, tensors ``(n, K, ...)``) and record it (its SHA-256)."""
     path = folder / shard_name(shard)
     save_shard(path, tensors)
     start, stop = image_range
-    write_text(_record_path(folder, shard), json.dumps(
-        {"file": path.name, "start": start, "count": stop - start, "bytes": path.stat().st_size,
-         "sha256": file_sha256(path)}, sort_keys=True))
+    _record(_record_path(folder, shard), path, start=start, count=stop - start)
+
+
+def _view_loader(dataset: Dataset, batches: List[List[Tuple[int, int]]], num_workers: int) -> DataLoader:
+    """Return a loader of ``(x, records, index)`` batches of seeded ``(index, item seed)`` keys, augmented live."""
+    return DataLoader(SeededDataset(ViewItems(dataset)), batch_sampler=batches, num_workers=num_workers,
+                      worker_init_fn=ignore_interrupts)  # Ctrl-C: the main process stops
+
+
+def teacher_sketch(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: TeacherPool, device: torch.device,
+                   dtype: Optional[torch.dtype], batch_size: int, num_workers: int) -> Optional[Sketch]:
+    """Return the cache's :class:`Sketch` (None when ``spec`` has none), fitted and written by rank 0 first
+    when ``folder`` holds no recorded one, then read from its file on every rank (module docstring)."""
+    rank = int(spec.get("sketch", 0))
+    if not rank:
+        return None
+    path, record = folder / SKETCH_FILE, folder / SKETCH_FILE.replace(".safetensors", ".json")
+    images = min(len(dataset), -(-FIT_ROWS // spec["views"]))
+    if images * spec["views"] < rank:  # refused on every rank, before rank 0 would fit alone
+        raise DistillError(f"run.teacher_cache_sketch: a rank-{rank} sketch needs at least {rank} image views to "
+                           f"fit its basis; the training set gives {images * spec['views']}")
+    if distributed.is_main() and not _recorded(record, path):
+        for stale in folder.glob("shard-*.json"):  # shards of another basis: rebuilt with this one
+            stale.unlink()
+        keys = [key for view in range(spec["views"]) for key in seeded_keys(range(images), spec["view_seed"], view)]
+        logits = []
+        pool.to(device)
+        for x, _, _ in _view_loader(dataset, [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)],
+                                    num_workers):
+            with autocast(device, dtype):
+                logits.append(pool(x.to(device, non_blocking=True)).logits.float().transpose(0, 1).cpu())
+        write_sketch(path, fit_sketch(torch.cat(logits), rank))  # rows (n, M, C): per teacher
+        _record(record, path)
+    distributed.barrier()
+    return read_sketch(path)
 
 
 def write_index(folder: Path, key: str, spec: Dict[str, Any], num_images: int, shard_images: int) -> Dict[str, Any]:
@@ -68,6 +118,8 @@ def write_index(folder: Path, key: str, spec: Dict[str, Any], num_images: int, s
     index = {"key": key, "spec": spec, "num_images": num_images, "views": spec["views"], "top_k": spec["top_k"],
              "params": PARAMS, "shard_images": shard_images, "teachers": [t["name"] for t in spec["teachers"]],
              "shards": shards}
+    if spec.get("sketch"):
+        index["sketch"] = read_json(folder / SKETCH_FILE.replace(".safetensors", ".json"), "teacher-cache sketch record")
     write_text(folder / "index.json", json.dumps(index, indent=1, sort_keys=True))
     return index
 
@@ -90,8 +142,8 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
                  progress: bool = True) -> Dict[str, Any]:
     """Build the missing or corrupt shards of ``folder`` and return its index (see the module docstring).
 
-    ``spec`` (:func:`distill.cache.store.cache_spec`) gives the view seed, views, top-k and
-    the temperature of the stored tails.
+    ``spec`` (:func:`distill.cache.store.cache_spec`) gives the view seed, views, top-k, the
+    temperature of the stored tails and the rank of their sketch.
     """
     key, views, top_k, seed = spec["key"], spec["views"], spec["top_k"], spec["view_seed"]
     temperature = spec["tail_temperature"]
@@ -105,6 +157,9 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
         write_text(started_spec, json.dumps({"key": key, "spec": spec, "shard_images": shard_images},
                                               indent=1, sort_keys=True))
     distributed.barrier()
+    sketch = teacher_sketch(folder, spec, dataset, pool, device, dtype, batch_size, num_workers)
+    if sketch is not None:
+        sketch = sketch.to(device)
     ranges = shard_ranges(len(dataset), shard_images)
     mine = [s for s in range(len(ranges)) if s % distributed.world_size() == distributed.rank()]
     todo = [s for s in mine if not shard_done(folder, s)]
@@ -115,8 +170,7 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
             keys = seeded_keys(range(start, stop), seed, view)
             plan += [(s, view, keys[i:i + batch_size]) for i in range(0, len(keys), batch_size)]
     total = sum(len(keys) for _, _, keys in plan)
-    loader = DataLoader(SeededDataset(ViewItems(dataset)), batch_sampler=[keys for _, _, keys in plan],
-                        num_workers=num_workers, worker_init_fn=ignore_interrupts)  # Ctrl-C: the main process stops
+    loader = _view_loader(dataset, [keys for _, _, keys in plan], num_workers)
     bar = tqdm(total=total, unit="img", desc=f"teacher cache {key[:12]}", file=sys.stderr,
                disable=not (progress and sys.stderr.isatty()), smoothing=0.1)
     started, buffer, current = time.perf_counter(), None, -1
@@ -128,9 +182,10 @@ def build_shards(folder: Path, spec: Dict[str, Any], dataset: Dataset, pool: Tea
         with autocast(device, dtype):
             out = pool(x.to(device, non_blocking=True))
         labels = targets[index].to(device).unsqueeze(-1)  # (B, 1): broadcast over the teachers
-        soft = topk_soft_labels(out.logits.transpose(0, 1), min(top_k, out.logits.shape[-1]), temperature, labels)
+        soft = topk_soft_labels(out.logits.transpose(0, 1), min(top_k, out.logits.shape[-1]), temperature, labels,
+                                sketch)
         buffer.put("views", rows, view, records)
-        for name in ("values", "ids", "tail", "labels", "label_logit"):
+        for name in ("values", "ids", "tail", "labels", "label_logit", "coefficients"):
             if getattr(soft, name) is not None:
                 buffer.put(name, rows, view, getattr(soft, name).cpu())
         for m, (feature, embedding) in enumerate(zip(out.features, out.embeddings)):

@@ -5,6 +5,11 @@ the runs of a study that differ only in ``seed`` share one cache when they set i
 data order, student initialisation and everything else still follow ``seed``; with the
 default, epoch ``e < K`` shows exactly what a live run of that seed shows).
 
+With ``run.teacher_top_k`` below the number of classes, ``run.teacher_cache_sketch`` is the
+rank of the sketch of each teacher's logits that gives the dropped tail its shape
+(:mod:`distill.cache.sketch`; default 32 where the tail has more than 32 classes, else 0, and
+0 keeps the uniform fill).
+
 ``run.teacher_cache: auto`` uses the cache whose key the recipe's spec gives, building it
 first when it does not exist; ``run.teacher_cache: KEY`` uses that cache and refuses it
 (naming what differs) when it was built for other data, views, teachers, tap, top-k or
@@ -22,7 +27,9 @@ import torch
 from .. import distributed
 from ..data import DataBundle
 from ..teachers import TeacherPool
+from ..errors import RecipeError
 from .build import build_shards
+from .sketch import default_rank
 from .store import TeacherCache, cache_key, cache_root, cache_spec, open_cache
 
 DEFAULT_SHARD_IMAGES = 1024
@@ -43,12 +50,27 @@ def view_seed(recipe: Any) -> int:
     return int(recipe.seed if seed is None else seed)
 
 
+def sketch_rank(recipe: Any, top_k: int, num_classes: int) -> int:
+    """Return the rank of the recipe's tail sketch: ``run.teacher_cache_sketch``, else its default (0: none)."""
+    rank = recipe.run.teacher_cache_sketch
+    if rank is None:
+        return default_rank(top_k, num_classes)
+    if rank > 0 and top_k >= num_classes:
+        raise RecipeError("run.teacher_cache_sketch", f"sketches the logits beyond run.teacher_top_k, but all "
+                          f"{num_classes} classes are kept: set run.teacher_top_k below {num_classes}, or leave it unset")
+    if rank >= num_classes:
+        raise RecipeError("run.teacher_cache_sketch", f"rank {rank} must be below the {num_classes} classes")
+    return int(rank)
+
+
 def recipe_cache_spec(recipe: Any, bundle: DataBundle, pool: TeacherPool,
                       dtype: Optional[torch.dtype]) -> Dict[str, Any]:
-    """Return the cache spec of a recipe (``data.fixed_views`` views, ``run.teacher_top_k``), with its ``key``."""
+    """Return the cache spec of a recipe (``data.fixed_views`` views, ``run.teacher_top_k``, the tails'
+    sketch rank), with its ``key``."""
     top_k = min(recipe.run.teacher_top_k or bundle.num_classes, bundle.num_classes)
     spec = cache_spec(bundle.train, augment_spec(recipe, bundle), view_seed(recipe), recipe.data.fixed_views or 1,
-                      top_k, bundle.num_classes, pool, dtype, recipe.distill.temperature)
+                      top_k, bundle.num_classes, pool, dtype, recipe.distill.temperature,
+                      sketch_rank(recipe, top_k, bundle.num_classes))
     return {"key": cache_key(spec), **spec}
 
 

@@ -5,21 +5,26 @@
   fp16 ``(n, K, M, k)`` and ``ids`` int16/int32 ``(n, K, M, k)`` (each teacher's top-k
   logits and their classes); when k < C also ``tail`` fp32 ``(n, K, M)`` (the other
   logits' log-sum-exp at the spec's ``tail_temperature``), ``labels`` int16/int32
-  ``(n, K, M)`` and ``label_logit`` fp32 ``(n, K, M)`` (:mod:`distill.cache.topk`); ``feature.<m>`` fp16
+  ``(n, K, M)`` and ``label_logit`` fp32 ``(n, K, M)`` (:mod:`distill.cache.topk`), and with a
+  sketch of rank r ``coefficients`` fp16 ``(n, K, M, r)``; ``feature.<m>`` fp16
   ``(n, K, ...)`` (teacher m's tapped feature: pooled pre-logits ``(d,)`` for the
   ``pre_logits`` tap) and ``embedding.<m>`` fp16 ``(n, K, d)`` where the tap is a map.
   Written to a temporary file and renamed, so a shard on disk is always whole; read
   memory-mapped, row by row (:mod:`distill.cache.shards`).
 - ``shard-NNNNN.json``: the finished shard's range, size and SHA-256 (build progress).
+- with a sketch (k < C, ``run.teacher_cache_sketch`` > 0): ``sketch.safetensors``, every
+  teacher's logit mean and rank-r basis (:mod:`distill.cache.sketch`), fitted and written
+  before any shard, and ``sketch.json``, its size and SHA-256.
 - ``index.json``: the key, the spec it hashes (:func:`cache_spec`), the layout and every
-  shard's SHA-256; written last, once every shard is there.
+  shard's (and the sketch's) SHA-256; written last, once every shard is there.
 
 The key is the SHA-256 (first 32 hex digits) of the spec: the training set's file list
 (relative paths and sizes, no pixels) and labels, the augmentation settings and the views'
 seed (``view_seed``: ``run.teacher_cache_view_seed``, default the training seed), the
 number of views, every teacher's weights hash and input adapter, the tap, top-k, the
-temperature of the stored tails (None when k = C: the full logits do not depend on it) and
-the autocast dtype. Reading verifies every shard's checksum; a cache whose spec differs from
+temperature of the stored tails (None when k = C: the full logits do not depend on it), the
+sketch's rank (``sketch``: only in a spec with k < C and a sketch, so every other key is
+unchanged) and the autocast dtype. Reading verifies every shard's checksum; a cache whose spec differs from
 the recipe's, or with a missing or corrupt shard, is refused (:class:`DistillError`).
 """
 
@@ -46,6 +51,7 @@ from ..signals import TeacherOutputs
 from ..teachers import TeacherPool
 from .items import leaf_item
 from .shards import ShardedArray, Shards
+from .sketch import SKETCH_FILE, Sketch, read_sketch
 from .topk import SoftLabels, reconstruct_logits
 
 FORMAT = 2  # 2: tails exact at the KD temperature, label logits (1: tail log-sum-exp at T = 1)
@@ -123,15 +129,19 @@ def teacher_spec(pool: TeacherPool) -> List[Dict[str, Any]]:
 
 def cache_spec(dataset: Dataset, augment: Dict[str, Any], view_seed: int, views: int, top_k: int,
                num_classes: int, pool: TeacherPool, dtype: Optional[torch.dtype],
-               temperature: float = 1.0) -> Dict[str, Any]:
+               temperature: float = 1.0, sketch: int = 0) -> Dict[str, Any]:
     """Return the JSON-able record a cache's key hashes (see the module docstring).
 
-    ``temperature`` is the KD temperature the top-k tails are stored for (ignored when ``top_k >= num_classes``).
+    ``temperature`` is the KD temperature the top-k tails are stored for and ``sketch`` the
+    rank of their shape's sketch (0: none); both are ignored when ``top_k >= num_classes``.
     """
     tail = float(temperature) if top_k < num_classes else None
-    return {"format": FORMAT, "dataset": dataset_fingerprint(dataset), "augment": augment,
+    spec = {"format": FORMAT, "dataset": dataset_fingerprint(dataset), "augment": augment,
             "view_seed": int(view_seed), "views": int(views), "top_k": int(top_k), "num_classes": int(num_classes),
             "tail_temperature": tail, "teachers": teacher_spec(pool), "autocast": str(dtype)}
+    if top_k < num_classes and sketch > 0:
+        spec["sketch"] = int(sketch)
+    return spec
 
 
 def cache_key(spec: Dict[str, Any]) -> str:
@@ -151,12 +161,12 @@ def read_index(folder: Path) -> Optional[Dict[str, Any]]:
 
 
 def bad_shards(folder: Path, index: Dict[str, Any]) -> List[str]:
-    """Return the names of the index's shards that are missing or fail their SHA-256."""
+    """Return the names of the index's shards (and sketch file) that are missing or fail their SHA-256."""
     bad = []
-    for shard in index["shards"]:
-        path = folder / shard["file"]
-        if not path.is_file() or file_sha256(path) != shard["sha256"]:
-            bad.append(shard["file"])
+    for record in [*index["shards"], *([index["sketch"]] if "sketch" in index else [])]:
+        path = folder / record["file"]
+        if not path.is_file() or file_sha256(path) != record["sha256"]:
+            bad.append(record["file"])
     return bad
 
 
@@ -188,13 +198,19 @@ class TeacherCache:
         self.key = index["key"]
         self.num_classes = int(index["spec"]["num_classes"])
         self.temperature = index["spec"]["tail_temperature"]
+        rank = int(index["spec"].get("sketch", 0))
+        self.sketch: Optional[Sketch] = read_sketch(folder / SKETCH_FILE) if rank else None
         self.shards = Shards([folder / shard["file"] for shard in index["shards"]],
                              [int(shard["count"]) for shard in index["shards"]], int(index["views"]))
         names = set(self.shards.files[0].header)
         self.records = ShardedArray(self.shards, "views")  # (N, K, PARAMS), read per image
         self.values, self.ids = ShardedArray(self.shards, "values"), ShardedArray(self.shards, "ids")  # (M, k) a row
-        self.tails = {name: ShardedArray(self.shards, name) for name in ("tail", "labels", "label_logit")
-                      if name in names}  # (M,) a row
+        self.tails = {name: ShardedArray(self.shards, name)
+                      for name in ("tail", "labels", "label_logit", "coefficients")
+                      if name in names}  # (M,) a row; coefficients (M, r)
+        if (self.sketch is None) != ("coefficients" not in names):
+            raise DistillError(f"{folder}: teacher-cache shards and sketch rank {rank} disagree (coefficients "
+                               f"{'missing' if 'coefficients' not in names else 'without a sketch'})")
         count = len(index["teachers"])
         self.features = [ShardedArray(self.shards, f"feature.{m}") for m in range(count)]
         self.embeddings = [ShardedArray(self.shards, f"embedding.{m}") if f"embedding.{m}" in names else None
@@ -213,7 +229,8 @@ class TeacherCache:
         """Return the size of the cached tensors in bytes (on disk; read row by row, never all resident)."""
         arrays = [self.records, self.values, self.ids, *self.tails.values(), *self.features,
                   *(a for a in self.embeddings if a is not None)]
-        return sum(a.nbytes for a in arrays)
+        basis = 0 if self.sketch is None else (self.sketch.mean.numel() + self.sketch.basis.numel()) * 4
+        return sum(a.nbytes for a in arrays) + basis
 
     def read_rows(self, keys: Tensor) -> CachedRows:
         """Return the stored rows of ``keys (B,)`` (CPU tensors, as stored: fp16 logits and features)."""
@@ -230,7 +247,8 @@ class TeacherCache:
         """Return the :class:`TeacherOutputs` of read rows on ``device``: logits ``(M, B, C)`` float32, features float32."""
         soft = SoftLabels(**{name: None if t is None else t.to(device, non_blocking=True)
                              for name, t in vars(rows.soft).items()})
-        logits = reconstruct_logits(soft, self.num_classes, self.temperature).transpose(0, 1).contiguous()
+        sketch = None if self.sketch is None else self.sketch.to(device)
+        logits = reconstruct_logits(soft, self.num_classes, self.temperature, sketch).transpose(0, 1).contiguous()
         features = [f.to(device, non_blocking=True).float() for f in rows.features]
         embeddings = [feature if e is None else e.to(device, non_blocking=True).float()
                       for feature, e in zip(features, rows.embeddings)]
