@@ -420,7 +420,14 @@ def test_dataloader_workers_ignore_ctrl_c():
 
     from distill.data import build_loader
 
-    assert _batches(build_loader(_CtrlCInWorker(), 4, False, 2, 0)) == 16  # the main process decides
-    with pytest.raises(RuntimeError, match="exited unexpectedly"):  # without the worker init: the worker dies
-        # (collate_fn=list: plain Python batches, no tensors in the dead worker's shared memory)
-        _batches(DataLoader(_CtrlCInWorker(), batch_size=4, num_workers=2, collate_fn=list))
+    # The workers fork from this process and inherit its SIGINT handling: make it Python's default
+    # (KeyboardInterrupt), as in a terminal. A shell that starts the tests in the background (`&`)
+    # hands them SIGINT ignored, and the control below would then get every batch like build_loader.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert _batches(build_loader(_CtrlCInWorker(), 4, False, 2, 0)) == 16  # the main process decides
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):  # without the worker init: the worker dies
+            # (collate_fn=list: plain Python batches, no tensors in the dead worker's shared memory)
+            _batches(DataLoader(_CtrlCInWorker(), batch_size=4, num_workers=2, collate_fn=list))
+    finally:
+        signal.signal(signal.SIGINT, previous)
