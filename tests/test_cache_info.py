@@ -50,5 +50,15 @@ def test_info_projects_the_size_before_the_build_and_it_matches(tmp_path, capsys
         assert cache_main(["info", str(recipe)]) == 0  # built: the projection, then the cache itself
         out = capsys.readouterr().out
         assert f"key        {folder.name}" in out and "40/40 images" in out and "view seed  3" in out
+        assert "logits and ids, tail, label and its logit)" in out  # top-4 of 10: tails kept
         parts = _projected_mib(out)
         assert len(parts) == 4 and abs(sum(parts) * 2**20 - cache.nbytes) <= 0.05 * 2**20 * len(parts)  # rounding
+
+
+def test_projection_names_tails_only_when_kept():
+    from distill.cache.projection import describe_projection, project
+
+    full = describe_projection(project(10, 1, 10, 10, ["a"], [[(4,)]]), "pre_logits")
+    topk = describe_projection(project(10, 1, 4, 10, ["a"], [[(4,)]]), "pre_logits")
+    assert full[2].endswith("(40 bytes per view and teacher: top-k fp16 logits and ids)")
+    assert topk[2].endswith("(26 bytes per view and teacher: top-k fp16 logits and ids, tail, label and its logit)")

@@ -34,6 +34,7 @@ class CacheSize:
     features: List[Tuple[str, Tuple[int, ...], int]]  # (teacher, stored feature shapes, bytes)
     sketch: int = 0
     rank: int = 0
+    tail: bool = True  # top-k < C: each row also keeps its tail, label and label logit
 
     @property
     def total(self) -> int:
@@ -67,7 +68,8 @@ def project(images: int, views: int, top_k: int, num_classes: int, names: List[s
         features.append((name, tuple(tensors[0]), rows * elements * 2))
     rank = sketch if top_k < num_classes else 0
     sketch_bytes = len(names) * (rows * rank * 2 + num_classes * (rank + 1) * 4) if rank else 0
-    return CacheSize(images, views, rows * PARAMS * 8, rows * len(names) * per_teacher, features, sketch_bytes, rank)
+    return CacheSize(images, views, rows * PARAMS * 8, rows * len(names) * per_teacher, features, sketch_bytes, rank,
+                     top_k < num_classes)
 
 
 def describe_projection(size: CacheSize, tap: str) -> List[str]:
@@ -78,7 +80,7 @@ def describe_projection(size: CacheSize, tap: str) -> List[str]:
              f"{len(size.features)} teachers (tap {tap})",
              f"  records  {size.records / mib:.1f} MiB ({PARAMS * 8} bytes per view)",
              f"  logits   {size.logits / mib:.1f} MiB ({size.logits // max(rows * len(size.features), 1)} bytes "
-             "per view and teacher: top-k fp16 logits and ids, tail, label and its logit)"]
+             f"per view and teacher: top-k fp16 logits and ids{', tail, label and its logit' if size.tail else ''})"]
     if size.sketch:
         lines.append(f"  sketch   {size.sketch / mib:.1f} MiB ({2 * size.rank} bytes per view and teacher: "
                      f"rank-{size.rank} fp16 coefficients; and each teacher's fp32 mean and basis)")
