@@ -44,7 +44,7 @@ def test_refine_weights_at_initialisation_are_the_confidence_prior(good_teachers
     assert prior[:, 3].max() < 0.05 and prior.max() > 0.3  # the prior is far from uniform
     assert (out.weights.logit - prior).abs().max() <= 1e-6
     assert (out.weights.feat - prior).abs().max() <= 1e-6
-    # mix (the former default) at initialisation: 2/3 of the floored uniform generator + 1/3 c
+    # mix (the default) at initialisation: 2/3 of the floored uniform generator + 1/3 c
     policy, out = one_step(models, {})
     assert torch.allclose(out.weights.logit, 2 / 3 * 0.25 + prior / 3, atol=1e-6)
 
