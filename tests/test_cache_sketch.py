@@ -13,6 +13,8 @@ from distill.cli import cache_main
 from distill.errors import DistillError, RecipeError
 from distill.recipe_load import recipe_from_dict
 
+from .test_teacher_cache import cache_recipe_file
+
 torch.set_num_threads(1)
 
 
@@ -39,15 +41,6 @@ def test_fitted_basis_is_orthonormal_and_rebuilds_low_rank_logits_exactly():
         fit_sketch(logits[:3], 5)
 
 
-def _recipe_file(tmp_path, **run):
-    path = tmp_path / "r.yaml"
-    path.write_text(json.dumps({
-        "name": "c", "output_dir": str(tmp_path / "run"), "seed": 3,
-        "data": {"dataset": "digits", "num_workers": 0, "train_subset": 96, "augment": "cifar", "batch_size": 16},
-        "student": "cifar_resnet8",
-        "teachers": [{"model": "cifar_resnet8", "pretrained": False}, {"model": "cifar_resnet14", "pretrained": False}],
-        "distill": {"features": "pre_logits"}, "run": {"device": "cpu", "progress": False, **run}}))
-    return path
 
 
 BUILD = ["--views", "2", "--top-k", "3", "--sketch", "4", "--shard-images", "32"]
@@ -60,7 +53,7 @@ def test_a_sketched_cache_round_trips_through_build_and_lookup(tmp_path, capsys)
     from distill.recipe_load import load_recipe, teacher_configs
     from distill.teachers import TeacherPool
 
-    recipe_path = _recipe_file(tmp_path)
+    recipe_path = cache_recipe_file(tmp_path, "pre_logits")
     assert cache_main(["build", str(recipe_path), *BUILD]) == 0
     (folder,) = list(cache_root().iterdir())
     assert cache_main(["info", folder.name]) == 0 and "top-k      3 of 10 classes, tails at T = 4, shaped by a rank-4 " \
@@ -95,7 +88,7 @@ def test_a_sketched_cache_round_trips_through_build_and_lookup(tmp_path, capsys)
 
 
 def test_a_resumed_build_reuses_the_recorded_basis(tmp_path, monkeypatch):
-    recipe = _recipe_file(tmp_path)
+    recipe = cache_recipe_file(tmp_path, "pre_logits")
     assert cache_main(["build", str(recipe), *BUILD]) == 0
     (folder,) = list(cache_root().iterdir())
     whole = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
@@ -125,7 +118,7 @@ def _nan_basis(folder):
 def test_a_missing_or_non_finite_basis_is_refused_naming_the_file_and_rebuilt(tmp_path, capsys):
     from distill.cli import main
 
-    recipe = _recipe_file(tmp_path)
+    recipe = cache_recipe_file(tmp_path, "pre_logits")
     assert cache_main(["build", str(recipe), *BUILD]) == 0
     (folder,) = list(cache_root().iterdir())
     train = ["train", str(recipe), f"run.teacher_cache={folder.name}", "data.fixed_views=2", "run.teacher_top_k=3",
@@ -193,6 +186,6 @@ def test_bad_sketch_settings_name_the_field(run, message):
     (["--top-k", "3", "--sketch", "10"], "rank 10 must be below the 10 classes"),
 ])
 def test_a_sketch_the_build_cannot_use_is_refused_with_exit_2(tmp_path, capsys, args, message):
-    assert cache_main(["build", str(_recipe_file(tmp_path)), "--views", "1", *args]) == 2
+    assert cache_main(["build", str(cache_recipe_file(tmp_path, "pre_logits")), "--views", "1", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "run.teacher_cache_sketch" in err and message in err, err

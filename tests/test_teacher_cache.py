@@ -143,14 +143,15 @@ def test_a_cached_run_equals_a_live_run_on_the_same_views(tmp_path, monkeypatch)
     assert sum(calls) == 2 and again.student["final_top1"] == cached.student["final_top1"]
 
 
-def _recipe_file(tmp_path):
+def cache_recipe_file(tmp_path, features: str = "last_map", **run):
+    """Write and return a small digits recipe with two untrained teachers (tap ``features``, extra ``run`` fields)."""
     path = tmp_path / "r.yaml"
     path.write_text(json.dumps({
         "name": "c", "output_dir": str(tmp_path / "run"), "seed": 3,
         "data": {"dataset": "digits", "num_workers": 0, "train_subset": 96, "augment": "cifar", "batch_size": 16},
         "student": "cifar_resnet8",
         "teachers": [{"model": "cifar_resnet8", "pretrained": False}, {"model": "cifar_resnet14", "pretrained": False}],
-        "distill": {"features": "last_map"}, "run": {"device": "cpu", "progress": False}}))
+        "distill": {"features": features}, "run": {"device": "cpu", "progress": False, **run}}))
     return path
 
 
@@ -168,7 +169,7 @@ def test_cached_outputs_arrive_with_the_batch_from_a_loader_worker(tmp_path):
     from distill.signals import TeacherOutputs
     from distill.teachers import TeacherPool
 
-    recipe = load_recipe(str(_recipe_file(tmp_path)), ["run.teacher_cache=auto", "data.fixed_views=2",
+    recipe = load_recipe(str(cache_recipe_file(tmp_path)), ["run.teacher_cache=auto", "data.fixed_views=2",
                                                        "data.num_workers=1"])
     runner = RecipeRunner(recipe)
     pool = TeacherPool([runner.prepare_teacher(i, cfg) for i, cfg in enumerate(teacher_configs(recipe))])
@@ -185,7 +186,7 @@ def test_cached_outputs_arrive_with_the_batch_from_a_loader_worker(tmp_path):
         torch.testing.assert_close(cached, computed, atol=2e-2, rtol=1e-2)
 
 def test_killed_build_resumes_to_a_byte_identical_cache(tmp_path, capsys):
-    recipe = _recipe_file(tmp_path)
+    recipe = cache_recipe_file(tmp_path)
     args = ["build", str(recipe), "--views", "3", "--top-k", "4", "--shard-images", "16"]
     assert cache_main(args) == 0
     folder = next(cache_root().iterdir())
@@ -218,7 +219,7 @@ def test_killed_build_resumes_to_a_byte_identical_cache(tmp_path, capsys):
 
 
 def test_mismatched_or_corrupt_cache_is_refused_with_exit_2(tmp_path, capsys):
-    recipe = _recipe_file(tmp_path)
+    recipe = cache_recipe_file(tmp_path)
     assert cache_main(["build", str(recipe), "--views", "2", "--shard-images", "32"]) == 0
     folder = next(cache_root().iterdir())
     train = ["train", str(recipe), "run.teacher_cache=" + folder.name, "data.fixed_views=2", "schedule.epochs=1", "schedule.name=constant"]
@@ -271,7 +272,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("sketch", [[], ["--sketch", "4"]])  # with a sketch: rank 0 fits the basis, rank 1 reads it
 def test_two_ranks_build_disjoint_shards_of_the_same_cache(tmp_path, sketch):
-    recipe = _recipe_file(tmp_path)
+    recipe = cache_recipe_file(tmp_path)
     args = ["build", str(recipe), "--views", "2", "--top-k", "3", "--shard-images", "32", *sketch]
     assert cache_main(args) == 0
     folder = next(cache_root().iterdir())
@@ -324,7 +325,7 @@ def test_cache_shard_with_non_finite_outputs_is_refused_naming_shard_and_tensor(
     from distill.cache.store import file_sha256
     from distill.cli import main
 
-    recipe = _recipe_file(tmp_path)
+    recipe = cache_recipe_file(tmp_path)
     assert cache_main(["build", str(recipe), "--views", "2", "--shard-images", "32"]) == 0
     folder = next(cache_root().iterdir())
     shard = folder / "shard-00001.safetensors"
