@@ -63,6 +63,14 @@ def registry_fields() -> Dict[str, Any]:
             "teachers[i].train.schedule": SCHEDULES}
 
 
+def _check_cache_count(field: str, value: Optional[int], cache: Optional[str], purpose: str) -> None:
+    """Refuse ``field`` (a count >= 0 that only the teacher cache uses) when set without a cache or below 0."""
+    if value is not None and cache is None:
+        raise RecipeError(field, f"{purpose}, or leave it unset")
+    if value is not None and value < 0:
+        raise RecipeError(field, f"must be >= 0, got {value}")
+
+
 def validate(recipe: Recipe, check_data: bool = True) -> None:
     """Check the values that types cannot: names, ranges, files. Raises RecipeError.
 
@@ -111,20 +119,13 @@ def validate(recipe: Recipe, check_data: bool = True) -> None:
         raise RecipeError("data.aug_repeats", "repeated augmentation draws fresh views of each image, but with "
                           "run.teacher_cache every epoch replays its stored view; set data.aug_repeats=0, or "
                           "run.teacher_cache=null")
-    view_seed = recipe.run.teacher_cache_view_seed
-    if view_seed is not None and cache is None:
-        raise RecipeError("run.teacher_cache_view_seed", "seeds the views stored in the teacher cache: set "
-                          "run.teacher_cache=auto, or leave it unset")
-    if view_seed is not None and view_seed < 0:
-        raise RecipeError("run.teacher_cache_view_seed", f"must be >= 0, got {view_seed}")
+    _check_cache_count("run.teacher_cache_view_seed", recipe.run.teacher_cache_view_seed, cache,
+                       "seeds the views stored in the teacher cache: set run.teacher_cache=auto")
     if recipe.run.teacher_top_k is not None and recipe.run.teacher_top_k < 1:
         raise RecipeError("run.teacher_top_k", f"must be >= 1, got {recipe.run.teacher_top_k}")
-    sketch = recipe.run.teacher_cache_sketch
-    if sketch is not None and cache is None:
-        raise RecipeError("run.teacher_cache_sketch", "sketches the tails stored in the teacher cache: set "
-                          "run.teacher_cache=auto and run.teacher_top_k, or leave it unset")
-    if sketch is not None and sketch < 0:
-        raise RecipeError("run.teacher_cache_sketch", f"must be >= 0, got {sketch}")
+    _check_cache_count("run.teacher_cache_sketch", recipe.run.teacher_cache_sketch, cache,
+                       "sketches the tails stored in the teacher cache: set run.teacher_cache=auto and "
+                       "run.teacher_top_k")
     if recipe.data.num_classes is not None and recipe.data.num_classes < 1:
         raise RecipeError("data.num_classes", f"must be >= 1, got {recipe.data.num_classes}")
 
