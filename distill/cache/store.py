@@ -200,6 +200,7 @@ class TeacherCache:
         self.temperature = index["spec"]["tail_temperature"]
         rank = int(index["spec"].get("sketch", 0))
         self.sketch: Optional[Sketch] = read_sketch(folder / SKETCH_FILE) if rank else None
+        self._device_sketches: Dict[str, Sketch] = {}  # the sketch moved once per device (see outputs)
         self.shards = Shards([folder / shard["file"] for shard in index["shards"]],
                              [int(shard["count"]) for shard in index["shards"]], int(index["views"]))
         names = set(self.shards.files[0].header)
@@ -247,12 +248,23 @@ class TeacherCache:
         """Return the :class:`TeacherOutputs` of read rows on ``device``: logits ``(M, B, C)`` float32, features float32."""
         soft = SoftLabels(**{name: None if t is None else t.to(device, non_blocking=True)
                              for name, t in vars(rows.soft).items()})
-        sketch = None if self.sketch is None else self.sketch.to(device)
+        sketch = None if self.sketch is None else self.sketch_on(device)
         logits = reconstruct_logits(soft, self.num_classes, self.temperature, sketch).transpose(0, 1).contiguous()
         features = [f.to(device, non_blocking=True).float() for f in rows.features]
         embeddings = [feature if e is None else e.to(device, non_blocking=True).float()
                       for feature, e in zip(features, rows.embeddings)]
         return TeacherOutputs(logits, features, embeddings)
+
+    def sketch_on(self, device: torch.device) -> Sketch:
+        """Return the sketch (mean ``(M, C)``, basis ``(M, C, r)``) on ``device``, moved there once."""
+        name = str(device)
+        if name not in self._device_sketches:
+            self._device_sketches[name] = self.sketch.to(device)
+        return self._device_sketches[name]
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # DataLoader workers only read rows: they get the host sketch, never a device copy
+        return {**self.__dict__, "_device_sketches": {}}
 
     def lookup(self, keys: Tensor) -> TeacherOutputs:
         """Return the :class:`TeacherOutputs` of rows ``keys (B,)`` on the keys' device (float32)."""
