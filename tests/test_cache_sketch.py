@@ -8,7 +8,8 @@ import torch
 
 from distill.cache.projection import project
 from distill.cache.sketch import SKETCH_FILE, Sketch, fit_sketch, read_sketch, sketch_coefficients, sketch_logits
-from distill.cache.store import cache_key, cache_root, file_sha256, open_cache
+from distill.cache.store import cache_key, cache_root, open_cache
+from distill.cache.verify import file_sha256
 from distill.cache.topk import reconstruct_logits, topk_soft_labels
 from distill.cli import cache_main
 from distill.errors import DistillError, RecipeError
@@ -92,7 +93,8 @@ def test_a_sketched_cache_round_trips_through_build_and_lookup(tmp_path, capsys,
     real_to = Sketch.to
     monkeypatch.setattr(Sketch, "to", lambda self, device: moved.append(str(device)) or real_to(self, device))
     fresh = open_cache(folder)
-    first, again = fresh.lookup(torch.arange(8)), fresh.lookup(torch.arange(8, 16))
+    first = fresh.lookup(torch.arange(8))
+    fresh.lookup(torch.arange(8, 16))
     assert moved == ["cpu"] and fresh.sketch_on(torch.device("cpu")) is fresh.sketch_on("cpu")
     torch.testing.assert_close(first.logits, cache.lookup(torch.arange(8)).logits)
     assert pickle.loads(pickle.dumps(fresh))._device_sketches == {} and len(fresh._device_sketches) == 1

@@ -24,8 +24,10 @@ seed (``view_seed``: ``run.teacher_cache_view_seed``, default the training seed)
 number of views, every teacher's weights hash and input adapter, the tap, top-k, the
 temperature of the stored tails (None when k = C: the full logits do not depend on it), the
 sketch's rank (``sketch``: only in a spec with k < C and a sketch, so every other key is
-unchanged) and the autocast dtype. Reading verifies every shard's checksum; a cache whose spec differs from
-the recipe's, or with a missing or corrupt shard, is refused (:class:`DistillError`).
+unchanged) and the autocast dtype. Opening checks every file's size, and the SHA-256 of each
+file changed since its last passing check (``verified.json``, :mod:`distill.cache.verify`);
+a cache whose spec differs from the recipe's, or with a missing or corrupt shard, is refused
+(:class:`DistillError`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from .items import leaf_item
 from .shards import ShardedArray, Shards
 from .sketch import SKETCH_FILE, Sketch, read_sketch
 from .topk import SoftLabels, reconstruct_logits
+from .verify import bad_files
 
 FORMAT = 2  # 2: tails exact at the KD temperature, label logits (1: tail log-sum-exp at T = 1)
 KEY_LENGTH = 32
@@ -66,15 +69,6 @@ def cache_root() -> Path:
 def shard_name(shard: int) -> str:
     """Return the file name of shard number ``shard``."""
     return f"shard-{shard:05d}.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    """Return the hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_shard(path: Path, tensors: Dict[str, Tensor]) -> None:
@@ -158,16 +152,6 @@ def read_index(folder: Path) -> Optional[Dict[str, Any]]:
     if not path.is_file():
         return None
     return read_json(path, "teacher-cache index")
-
-
-def bad_shards(folder: Path, index: Dict[str, Any]) -> List[str]:
-    """Return the names of the index's shards (and sketch file) that are missing or fail their SHA-256."""
-    bad = []
-    for record in [*index["shards"], *([index["sketch"]] if "sketch" in index else [])]:
-        path = folder / record["file"]
-        if not path.is_file() or file_sha256(path) != record["sha256"]:
-            bad.append(record["file"])
-    return bad
 
 
 @dataclass
@@ -272,7 +256,8 @@ class TeacherCache:
 
 
 def open_cache(folder: Path, spec: Optional[Dict[str, Any]] = None, rebuild_hint: str = "") -> TeacherCache:
-    """Return the cache in ``folder``, checked against ``spec`` (when given) and every shard's SHA-256.
+    """Return the cache in ``folder``, checked against ``spec`` (when given) and its files'
+    SHA-256s (re-hashing only files changed since their last passing check, :mod:`.verify`).
 
     Raises :class:`DistillError` in one line naming what differs, or which shard is missing
     or corrupt (``rebuild_hint`` ends that message).
@@ -285,7 +270,7 @@ def open_cache(folder: Path, spec: Optional[Dict[str, Any]] = None, rebuild_hint
         if lines:
             raise DistillError(f"run.teacher_cache: cache {index['key']} does not match this recipe: "
                                + "; ".join(lines))
-    bad = bad_shards(folder, index)
+    bad = bad_files(folder, index)
     if bad:
         raise DistillError(f"run.teacher_cache: {folder}: shard(s) {', '.join(bad)} missing or failing their "
                            f"SHA-256 (corrupt){rebuild_hint}")
