@@ -189,6 +189,12 @@ def test_a_specialists_off_pairs_are_the_labels_outside_its_half(tmp_path):
     assert stored["2"]["corrupted"]["pairs"] == 4  # the dark teacher's top-1 (class 0) is in its half
 
 
+def test_every_run_of_the_discrimination_config_is_a_valid_recipe():
+    study = discrimination.DiscriminationStudy(REPO / "benchmarks/configs/discrimination.yaml")
+    runs = [study.recipe(name, label, 0, check_data=False) for name in study.recipes for label in study.policies]
+    assert len(runs) == len(study.recipes) * len(study.policies) >= 100
+
+
 def test_scales_give_every_policy_the_same_effective_loss_scale():
     assert discrimination.term_scale("aver", {}, 4) == pytest.approx((1.0, 1.0))
     assert discrimination.term_scale("camkd", {}, 4) == pytest.approx((0.25, 0.25))  # published: sums / M
