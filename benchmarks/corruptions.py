@@ -25,7 +25,9 @@ a head applied to another feature) carries the same corruption. Kinds, for teach
   relation to the map's support or the class); elsewhere the real map. Logits and embedding intact.
 
 The corrupted (sample, teacher) pairs of ``dark`` and ``noise_half`` are those whose teacher
-top-1 lies in its half (:func:`corrupted_pairs`).
+top-1 lies in its half (:func:`corrupted_pairs`). A ``specialist`` (not a corruption: a teacher
+trained on its half of the classes only, by :mod:`benchmarks.discrimination`) is watched the
+same way: its off pairs are the samples whose label is outside its half.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from distill.teachers import Teacher
 
 KINDS = ("shift", "noise_feature", "blind", "dark", "noise_half")
 PAIR_KINDS = ("dark", "noise_half")  # corrupted on some (sample, teacher) pairs: those in the teacher's half
+SPECIALIST = "specialist"  # trained on its half of the classes; off pairs: labels outside that half
+WATCHED_KINDS = (*PAIR_KINDS, SPECIALIST)  # the kinds whose (sample, teacher) pairs are split and recorded
 BLIND_PERIOD = 4
 HALF_PERIOD = 2
 
@@ -68,13 +72,19 @@ def per_sample_noise(real: Tensor) -> Tensor:
     return noise.view_as(real).to(real.dtype)
 
 
-def corrupted_pairs(logits: Tensor, corruptions: Dict[int, str]) -> Tensor:
-    """Return the mask ``(M, B)`` of corrupted (teacher, sample) pairs of the ``dark`` /
-    ``noise_half`` teachers: teacher m's top-1 on sample b is in its half; ``logits (M, B, C)``."""
+def corrupted_pairs(logits: Tensor, corruptions: Dict[int, str], target: Optional[Tensor] = None) -> Tensor:
+    """Return the mask ``(M, B)`` of corrupted (teacher, sample) pairs: for a ``dark`` /
+    ``noise_half`` teacher, its top-1 on sample b is in its half; for a ``specialist``, the
+    label ``target[b]`` is outside its half (``target (B,)`` is then required); ``logits (M, B, C)``."""
     mask = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
     for m, kind in corruptions.items():
+        half = half_classes(logits.shape[-1], m).to(logits.device)
         if kind in PAIR_KINDS:
-            mask[m] = half_classes(logits.shape[-1], m).to(logits.device)[logits[m].argmax(-1)]
+            mask[m] = half[logits[m].argmax(-1)]
+        elif kind == SPECIALIST:
+            if target is None:
+                raise ValueError("corrupted_pairs: a specialist's off pairs need the labels (target)")
+            mask[m] = ~half[target]
     return mask
 
 

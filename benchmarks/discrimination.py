@@ -46,11 +46,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import accuracy  # noqa: E402
-from corruptions import KINDS, PAIR_KINDS, corrupt_teacher, corrupted_pairs, half_classes  # noqa: E402
+from corruptions import KINDS, SPECIALIST, WATCHED_KINDS, corrupt_teacher, corrupted_pairs, half_classes  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
 from distill.plot import read_summary  # noqa: E402
-
-SPECIALIST = "specialist"
 
 
 def term_scale(policy: str, args: Dict[str, Any], num_teachers: int) -> Tuple[float, float]:
@@ -75,12 +73,13 @@ def term_scale(policy: str, args: Dict[str, Any], num_teachers: int) -> Tuple[fl
 
 class PairWeights:
     """Records, per epoch, the mean weight a policy gives to the corrupted (sample, teacher)
-    pairs of ``dark`` / ``noise_half`` teachers and to their clean pairs, logit and feature
-    level, relative to the uniform share (``M * w``), in ``path`` (JSON, rewritten each epoch)."""
+    pairs of ``dark`` / ``noise_half`` teachers (a ``specialist``'s: the samples outside its
+    half) and to their clean pairs, logit and feature level, relative to the uniform share
+    (``M * w``), in ``path`` (JSON, rewritten each epoch)."""
 
     def __init__(self, path: Path, corruptions: Dict[int, str]):
         self.path = path
-        self.corruptions = {m: k for m, k in corruptions.items() if k in PAIR_KINDS}
+        self.corruptions = {m: k for m, k in corruptions.items() if k in WATCHED_KINDS}
         self.epochs: Dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
         self.sums: Optional[Tensor] = None  # (2 corrupted / clean, 2 levels, M) weight sums
         self.counts: Optional[Tensor] = None  # (2, M) pair counts
@@ -91,7 +90,7 @@ class PairWeights:
 
         def recorded_weights(signals, teachers, student, target):
             out = weights(signals, teachers, student, target)
-            self.add(out, teachers.logits)
+            self.add(out, teachers.logits, target)
             return out
 
         def recorded_end_epoch(epoch: int) -> Dict[str, float]:
@@ -102,9 +101,10 @@ class PairWeights:
         policy.weights, policy.end_epoch = recorded_weights, recorded_end_epoch
 
     @torch.no_grad()
-    def add(self, weights, logits: Tensor) -> None:
-        """Add one step's weights ``(B, M)`` per level; ``logits (M, B, C)`` locate the pairs."""
-        corrupted = corrupted_pairs(logits, self.corruptions).double()  # (M, B)
+    def add(self, weights, logits: Tensor, target: Tensor) -> None:
+        """Add one step's weights ``(B, M)`` per level; ``logits (M, B, C)`` and labels ``target
+        (B,)`` locate the pairs."""
+        corrupted = corrupted_pairs(logits, self.corruptions, target).double()  # (M, B)
         watched = torch.zeros_like(corrupted)
         watched[list(self.corruptions)] = 1.0
         masks = torch.stack([corrupted, watched - corrupted])  # (2, M, B)
@@ -136,7 +136,7 @@ def recording_pairs(run_dir: Path, corruptions: Dict[int, str]) -> Iterator[None
     ``run_dir/pair_weights.json`` (the task of the TrainStep the pipeline builds gets it attached)."""
     import distill.pipeline as pipeline
 
-    if not any(k in PAIR_KINDS for k in corruptions.values()):
+    if not any(k in WATCHED_KINDS for k in corruptions.values()):
         yield
         return
     original = pipeline.build_train_step
@@ -327,12 +327,13 @@ def _spread(values: Sequence[float], digits: int = 2) -> str:
 
 
 def pair_report(study: accuracy.Study) -> str:
-    """Return a Markdown table per pool with ``dark`` / ``noise_half`` teachers: per policy, the
-    last epoch's weight on the corrupted and on the clean pairs of each such teacher (× the
-    uniform share 1/M; logit / feature level), and the final top-1, mean ± std over seeds."""
+    """Return a Markdown table per pool with ``dark`` / ``noise_half`` / ``specialist`` teachers:
+    per policy, the last epoch's weight on the corrupted and on the clean pairs of each such
+    teacher (a specialist's: the samples off and on its half; × the uniform share 1/M; logit /
+    feature level), and the final top-1, mean ± std over seeds."""
     out = ["## Weight on corrupted (sample, teacher) pairs, last epoch, × uniform share (mean ± std over seeds)\n"]
     for name in study.recipes:
-        watched = {m: k for m, k in getattr(study, "corruptions", {}).get(name, {}).items() if k in PAIR_KINDS}
+        watched = {m: k for m, k in getattr(study, "corruptions", {}).get(name, {}).items() if k in WATCHED_KINDS}
         if not watched:
             continue
         rows = []
@@ -355,8 +356,9 @@ def pair_report(study: accuracy.Study) -> str:
         if not rows:
             continue
         out.append(f"### {name}\n")
-        heads = [f"{m} {k} {part} {level}" for m, k in watched.items() for part in ("corrupted", "clean")
-                 for level in ("logit", "feat")]
+        parts = {SPECIALIST: ("off-half", "own-half")}
+        heads = [f"{m} {k} {part} {level}" for m, k in watched.items()
+                 for part in parts.get(k, ("corrupted", "clean")) for level in ("logit", "feat")]
         out.append("| policy | seeds | " + " | ".join(heads) + " | final top-1 |")
         out.append("|---|---:|" + "---:|" * len(heads) + "---:|")
         out += rows

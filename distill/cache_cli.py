@@ -1,12 +1,16 @@
-"""``distill-cache build RECIPE [--views K] [--top-k k] [--sketch R] [overrides]`` and ``distill-cache info KEY|RECIPE``.
+"""``distill-cache build RECIPE [--views K] [--top-k k] [--sketch R] [overrides]``,
+``distill-cache info KEY|RECIPE`` and ``distill-cache verify KEY|RECIPE``.
 
 ``info RECIPE`` prints the projected size of the recipe's cache (:mod:`distill.cache.projection`)
-before anything is built, then the cache itself when it exists.
+before anything is built, then the cache itself when it exists. ``verify`` re-hashes every
+file of a finished cache (opening one re-hashes only the files changed since their last
+check, :mod:`distill.cache.verify`).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, List, Tuple
 
@@ -14,6 +18,7 @@ from .cli_parser import CommandParser, run_subcommand
 from .errors import DistillError
 from .fileio import read_json
 from .cache.store import KEY_LENGTH, cache_root, read_index
+from .cache.verify import bad_files, checked_records
 
 
 def _recipe_parts(recipe_path: str, overrides: List[str]) -> Tuple[Any, Any, Any, Any, Any]:
@@ -105,12 +110,37 @@ def _info(args: argparse.Namespace) -> int:
         if not (folder / "index.json").is_file() and not (folder / "spec.json").is_file():
             print(f"key        {spec['key']} (not built yet: distill-cache build {target})")
             return 0
-        key = spec["key"]
-    elif len(target) == KEY_LENGTH:
-        key = target
-    else:
-        raise DistillError(f"{target}: neither a recipe file nor a {KEY_LENGTH}-digit cache key")
-    print("\n".join(describe(cache_root() / key)))
+        print("\n".join(describe(folder)))
+        return 0
+    print("\n".join(describe(_cache_folder(target, []))))
+    return 0
+
+
+def _cache_folder(target: str, overrides: List[str]) -> Path:
+    """Return the cache folder ``target`` names: a cache key, or a recipe file (its cache's key)."""
+    if Path(target).is_file():
+        from .cache.recipes import recipe_cache_spec
+
+        recipe, bundle, pool, _, dtype = _recipe_parts(target, overrides)
+        return cache_root() / recipe_cache_spec(recipe, bundle, pool, dtype)["key"]
+    if len(target) == KEY_LENGTH:
+        return cache_root() / target
+    raise DistillError(f"{target}: neither a recipe file nor a {KEY_LENGTH}-digit cache key")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    folder = _cache_folder(args.target, list(args.overrides))
+    index = read_index(folder)
+    if index is None:
+        raise DistillError(f"{folder}: no finished teacher cache there (distill-cache info names what is built)")
+    records = checked_records(index)
+    bad = bad_files(folder, index, full=True)
+    if bad:
+        print(f"{folder}: {len(bad)} of {len(records)} files missing or failing their SHA-256: {', '.join(bad)} "
+              "(distill-cache build RECIPE rebuilds them)", file=sys.stderr)
+        return 1
+    size = sum(int(r.get("bytes", 0)) for r in records)
+    print(f"{folder}: all {len(records)} files match their SHA-256 ({size / 2**20:.1f} MiB hashed)")
     return 0
 
 
@@ -136,7 +166,16 @@ def _info_main(argv: List[str]) -> int:
     return _info(parser.parse_intermixed_args(argv))
 
 
+def _verify_main(argv: List[str]) -> int:
+    parser = CommandParser(prog="distill-cache verify", description=VERIFY_HELP)
+    parser.add_argument("target", help="a cache key, or a recipe YAML file (its cache)")
+    parser.add_argument("overrides", nargs="*", default=[], help="with a recipe: dotted overrides")
+    return _verify(parser.parse_intermixed_args(argv))
+
+
 BUILD_HELP = "run the recipe's teachers once per stored view and save their outputs"
+VERIFY_HELP = ("re-hash every file of a finished cache against its index (exit 1 naming the files that fail); "
+               "opening a cache re-hashes only the files changed since their last check")
 INFO_HELP = ("print a cache's size, views, teachers, top-k and coverage; for a recipe, first the projected "
              "size of its cache (built or not)")
 
@@ -144,4 +183,5 @@ INFO_HELP = ("print a cache's size, views, teachers, top-k and coverage; for a r
 def main(argv: List[str]) -> int:
     """Run ``distill-cache``; returns the exit code (user errors raise DistillError)."""
     return run_subcommand("distill-cache", "The teacher-output cache: stored views and the pool's outputs for them.",
-                          {"build": (BUILD_HELP, _build_main), "info": (INFO_HELP, _info_main)}, argv)
+                          {"build": (BUILD_HELP, _build_main), "info": (INFO_HELP, _info_main),
+                           "verify": (VERIFY_HELP, _verify_main)}, argv)

@@ -107,3 +107,11 @@ def test_bad_study_configs_fail_before_training(tmp_path, capsys):
     config.write_text(yaml.safe_dump(raw))
     assert accuracy.main([str(config), "--policies", "mtkd"]) == 2
     assert "--policies: 'mtkd'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", ["cifar10_converged.yaml", "cifar10_cpu.yaml", "cifar10_full.yaml"])
+def test_every_run_of_the_shipped_study_configs_is_a_valid_recipe(config):
+    study = accuracy.Study(REPO / "benchmarks" / "configs" / config)
+    runs = [study.recipe(name, label, study.seeds[0], check_data=False)
+            for name in study.recipes for label in study.policies]
+    assert len(runs) == len(study.recipes) * len(study.policies) >= 4

@@ -1,13 +1,15 @@
 """The tail sketch through the real cache: fitted basis, build, store, lookup, refusals, keys, recipe fields."""
 
 import json
+import pickle
 
 import pytest
 import torch
 
 from distill.cache.projection import project
-from distill.cache.sketch import SKETCH_FILE, fit_sketch, read_sketch, sketch_coefficients, sketch_logits
-from distill.cache.store import cache_key, cache_root, file_sha256, open_cache
+from distill.cache.sketch import SKETCH_FILE, Sketch, fit_sketch, read_sketch, sketch_coefficients, sketch_logits
+from distill.cache.store import cache_key, cache_root, open_cache
+from distill.cache.verify import file_sha256
 from distill.cache.topk import reconstruct_logits, topk_soft_labels
 from distill.cli import cache_main
 from distill.errors import DistillError, RecipeError
@@ -46,7 +48,7 @@ def test_fitted_basis_is_orthonormal_and_rebuilds_low_rank_logits_exactly():
 BUILD = ["--views", "2", "--top-k", "3", "--sketch", "4", "--shard-images", "32"]
 
 
-def test_a_sketched_cache_round_trips_through_build_and_lookup(tmp_path, capsys):
+def test_a_sketched_cache_round_trips_through_build_and_lookup(tmp_path, capsys, monkeypatch):
     from distill.cache.recipes import training_cache
     from distill.cache.source import cached_train_loader
     from distill.pipeline import RecipeRunner
@@ -85,6 +87,17 @@ def test_a_sketched_cache_round_trips_through_build_and_lookup(tmp_path, capsys)
     tail = teachers.logits.masked_fill(hidden, float("nan"))
     spread = (tail.nan_to_num(-1e9).amax(-1) - tail.nan_to_num(1e9).amin(-1))
     assert bool((spread > 1e-3).all())
+
+    # the basis moves to a device once per process, not once per batch; loader workers get none of it
+    moved = []
+    real_to = Sketch.to
+    monkeypatch.setattr(Sketch, "to", lambda self, device: moved.append(str(device)) or real_to(self, device))
+    fresh = open_cache(folder)
+    first = fresh.lookup(torch.arange(8))
+    fresh.lookup(torch.arange(8, 16))
+    assert moved == ["cpu"] and fresh.sketch_on(torch.device("cpu")) is fresh.sketch_on("cpu")
+    torch.testing.assert_close(first.logits, cache.lookup(torch.arange(8)).logits)
+    assert pickle.loads(pickle.dumps(fresh))._device_sketches == {} and len(fresh._device_sketches) == 1
 
 
 def test_a_resumed_build_reuses_the_recorded_basis(tmp_path, monkeypatch):

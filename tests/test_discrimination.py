@@ -159,13 +159,40 @@ def test_pair_weights_record_the_corrupted_and_clean_pairs(tmp_path):
     logits[1, :, :] = torch.eye(10)[[1, 2, 3, 5]]  # teacher 1's top-1: odd, even, odd, odd
     recorder = discrimination.PairWeights(tmp_path / "pairs.json", {1: "dark"})
     w_logit = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2], [0.7, 0.3]])
-    recorder.add(Weights(w_logit, torch.full((4, 2), 0.5)), logits)
+    recorder.add(Weights(w_logit, torch.full((4, 2), 0.5)), logits, torch.tensor([0, 0, 0, 0]))
     recorder.write(0)
     stored = json.loads((tmp_path / "pairs.json").read_text())["0"]["1"]
     assert stored["corrupted"]["pairs"] == 3 and stored["clean"]["pairs"] == 1
     assert stored["corrupted"]["logit"] == pytest.approx((0.1 + 0.2 + 0.3) / 3 * 2)
     assert stored["clean"]["logit"] == pytest.approx(0.6 * 2)
     assert stored["corrupted"]["feat"] == pytest.approx(1.0)
+
+
+def test_a_specialists_off_pairs_are_the_labels_outside_its_half(tmp_path):
+    from distill.policies.base import Weights
+
+    logits = torch.zeros(3, 4, 10)
+    logits[:, :, 0] = 1.0  # every teacher predicts class 0: the split must come from the labels
+    target = torch.tensor([1, 2, 4, 7])  # odd, even, even, odd
+    mask = corruptions.corrupted_pairs(logits, {0: "specialist", 1: "specialist"}, target)
+    assert mask.tolist() == [[True, False, False, True], [False, True, True, False], [False] * 4]
+    with pytest.raises(ValueError, match="specialist's off pairs need the labels"):
+        corruptions.corrupted_pairs(logits, {0: "specialist"})
+    recorder = discrimination.PairWeights(tmp_path / "pairs.json", {0: "specialist", 2: "dark"})
+    w_logit = torch.tensor([[0.6, 0.2, 0.2], [0.3, 0.3, 0.4], [0.5, 0.1, 0.4], [0.1, 0.8, 0.1]])
+    recorder.add(Weights(w_logit, torch.full((4, 3), 1 / 3)), logits, target)
+    recorder.write(2)
+    stored = json.loads((tmp_path / "pairs.json").read_text())["2"]
+    assert stored["0"]["corrupted"]["pairs"] == 2 and stored["0"]["clean"]["pairs"] == 2
+    assert stored["0"]["corrupted"]["logit"] == pytest.approx((0.6 + 0.1) / 2 * 3)  # labels 1 and 7
+    assert stored["0"]["clean"]["logit"] == pytest.approx((0.3 + 0.5) / 2 * 3)
+    assert stored["2"]["corrupted"]["pairs"] == 4  # the dark teacher's top-1 (class 0) is in its half
+
+
+def test_every_run_of_the_discrimination_config_is_a_valid_recipe():
+    study = discrimination.DiscriminationStudy(REPO / "benchmarks/configs/discrimination.yaml")
+    runs = [study.recipe(name, label, 0, check_data=False) for name in study.recipes for label in study.policies]
+    assert len(runs) == len(study.recipes) * len(study.policies) >= 100
 
 
 def test_scales_give_every_policy_the_same_effective_loss_scale():

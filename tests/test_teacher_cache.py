@@ -322,7 +322,7 @@ def test_key_tracks_files_seed_views_teachers_top_k_and_dtype(image_tree, tmp_pa
 def test_cache_shard_with_non_finite_outputs_is_refused_naming_shard_and_tensor(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from distill.cache.store import file_sha256
+    from distill.cache.verify import file_sha256
     from distill.cli import main
 
     recipe = cache_recipe_file(tmp_path)

@@ -36,7 +36,8 @@ from ..runtime import autocast
 from ..teachers import TeacherPool
 from .items import ViewItems, seeded_keys, shard_ranges
 from .sketch import FIT_ROWS, SKETCH_FILE, Sketch, fit_sketch, read_sketch, write_sketch
-from .store import file_sha256, read_index, save_shard, shard_name
+from .store import read_index, save_shard, shard_name
+from .verify import file_sha256
 from .topk import topk_soft_labels
 
 

@@ -24,8 +24,10 @@ seed (``view_seed``: ``run.teacher_cache_view_seed``, default the training seed)
 number of views, every teacher's weights hash and input adapter, the tap, top-k, the
 temperature of the stored tails (None when k = C: the full logits do not depend on it), the
 sketch's rank (``sketch``: only in a spec with k < C and a sketch, so every other key is
-unchanged) and the autocast dtype. Reading verifies every shard's checksum; a cache whose spec differs from
-the recipe's, or with a missing or corrupt shard, is refused (:class:`DistillError`).
+unchanged) and the autocast dtype. Opening checks every file's size, and the SHA-256 of each
+file changed since its last passing check (``verified.json``, :mod:`distill.cache.verify`);
+a cache whose spec differs from the recipe's, or with a missing or corrupt shard, is refused
+(:class:`DistillError`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from .items import leaf_item
 from .shards import ShardedArray, Shards
 from .sketch import SKETCH_FILE, Sketch, read_sketch
 from .topk import SoftLabels, reconstruct_logits
+from .verify import bad_files
 
 FORMAT = 2  # 2: tails exact at the KD temperature, label logits (1: tail log-sum-exp at T = 1)
 KEY_LENGTH = 32
@@ -66,15 +69,6 @@ def cache_root() -> Path:
 def shard_name(shard: int) -> str:
     """Return the file name of shard number ``shard``."""
     return f"shard-{shard:05d}.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    """Return the hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_shard(path: Path, tensors: Dict[str, Tensor]) -> None:
@@ -160,16 +154,6 @@ def read_index(folder: Path) -> Optional[Dict[str, Any]]:
     return read_json(path, "teacher-cache index")
 
 
-def bad_shards(folder: Path, index: Dict[str, Any]) -> List[str]:
-    """Return the names of the index's shards (and sketch file) that are missing or fail their SHA-256."""
-    bad = []
-    for record in [*index["shards"], *([index["sketch"]] if "sketch" in index else [])]:
-        path = folder / record["file"]
-        if not path.is_file() or file_sha256(path) != record["sha256"]:
-            bad.append(record["file"])
-    return bad
-
-
 @dataclass
 class CachedRows:
     """The stored rows of a batch of keys, as read from the shards (small; cheap to pass between processes).
@@ -200,6 +184,7 @@ class TeacherCache:
         self.temperature = index["spec"]["tail_temperature"]
         rank = int(index["spec"].get("sketch", 0))
         self.sketch: Optional[Sketch] = read_sketch(folder / SKETCH_FILE) if rank else None
+        self._device_sketches: Dict[str, Sketch] = {}  # the sketch moved once per device (see outputs)
         self.shards = Shards([folder / shard["file"] for shard in index["shards"]],
                              [int(shard["count"]) for shard in index["shards"]], int(index["views"]))
         names = set(self.shards.files[0].header)
@@ -247,12 +232,23 @@ class TeacherCache:
         """Return the :class:`TeacherOutputs` of read rows on ``device``: logits ``(M, B, C)`` float32, features float32."""
         soft = SoftLabels(**{name: None if t is None else t.to(device, non_blocking=True)
                              for name, t in vars(rows.soft).items()})
-        sketch = None if self.sketch is None else self.sketch.to(device)
+        sketch = None if self.sketch is None else self.sketch_on(device)
         logits = reconstruct_logits(soft, self.num_classes, self.temperature, sketch).transpose(0, 1).contiguous()
         features = [f.to(device, non_blocking=True).float() for f in rows.features]
         embeddings = [feature if e is None else e.to(device, non_blocking=True).float()
                       for feature, e in zip(features, rows.embeddings)]
         return TeacherOutputs(logits, features, embeddings)
+
+    def sketch_on(self, device: torch.device) -> Sketch:
+        """Return the sketch (mean ``(M, C)``, basis ``(M, C, r)``) on ``device``, moved there once."""
+        name = str(device)
+        if name not in self._device_sketches:
+            self._device_sketches[name] = self.sketch.to(device)
+        return self._device_sketches[name]
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # DataLoader workers only read rows: they get the host sketch, never a device copy
+        return {**self.__dict__, "_device_sketches": {}}
 
     def lookup(self, keys: Tensor) -> TeacherOutputs:
         """Return the :class:`TeacherOutputs` of rows ``keys (B,)`` on the keys' device (float32)."""
@@ -260,7 +256,8 @@ class TeacherCache:
 
 
 def open_cache(folder: Path, spec: Optional[Dict[str, Any]] = None, rebuild_hint: str = "") -> TeacherCache:
-    """Return the cache in ``folder``, checked against ``spec`` (when given) and every shard's SHA-256.
+    """Return the cache in ``folder``, checked against ``spec`` (when given) and its files'
+    SHA-256s (re-hashing only files changed since their last passing check, :mod:`.verify`).
 
     Raises :class:`DistillError` in one line naming what differs, or which shard is missing
     or corrupt (``rebuild_hint`` ends that message).
@@ -273,7 +270,7 @@ def open_cache(folder: Path, spec: Optional[Dict[str, Any]] = None, rebuild_hint
         if lines:
             raise DistillError(f"run.teacher_cache: cache {index['key']} does not match this recipe: "
                                + "; ".join(lines))
-    bad = bad_shards(folder, index)
+    bad = bad_files(folder, index)
     if bad:
         raise DistillError(f"run.teacher_cache: {folder}: shard(s) {', '.join(bad)} missing or failing their "
                            f"SHA-256 (corrupt){rebuild_hint}")
