@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat as stat_mode
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ..errors import DistillError
 from ..fileio import write_text
@@ -37,9 +38,13 @@ def checked_records(index: Dict[str, Any]) -> List[Dict[str, Any]]:
     return [*index["shards"], *([index["sketch"]] if "sketch" in index else [])]
 
 
-def _identity(path: Path) -> List[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+def _identity(path: Path) -> Optional[List[int]]:
+    """Return a regular file's ``[size, mtime_ns, inode]`` from one ``stat``; None when it is no file."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino] if stat_mode.S_ISREG(stat.st_mode) else None
 
 
 def _read_verified(folder: Path) -> Dict[str, Any]:
@@ -61,10 +66,11 @@ def bad_files(folder: Path, index: Dict[str, Any], full: bool = False) -> List[s
     for record in checked_records(index):
         name = record["file"]
         path = folder / name
-        if not path.is_file() or ("bytes" in record and path.stat().st_size != record["bytes"]):
+        identity = _identity(path)
+        if identity is None or ("bytes" in record and identity[0] != record["bytes"]):
             bad.append(name)
             continue
-        seen = {"identity": _identity(path), "sha256": record["sha256"]}
+        seen = {"identity": identity, "sha256": record["sha256"]}
         if before.get(name) == seen or file_sha256(path) == record["sha256"]:
             verified[name] = seen
         else:
