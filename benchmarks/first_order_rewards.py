@@ -53,10 +53,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import zoo  # noqa: E402,F401  (registers the zoo models)
-from corruptions import KINDS, corrupt_teacher, corrupted_pairs  # noqa: E402
+from corruptions import corrupt_teacher, corrupted_pairs  # noqa: E402
+from distill.errors import DistillError  # noqa: E402
 from distill.losses import kd_loss  # noqa: E402
 from distill.policies.mtkd_rl.heldout import HeldoutGradient, ce_logit_gradient  # noqa: E402
 
+MEASURED_KINDS = ("dark",)  # corruptions of the logits on some pairs: the rewards measured here are the logit level's
 REWARDS = ("align", "heldout, batch", "heldout, all held-out", "heldout, all parameters")
 HELDOUT_BATCH = 64
 
@@ -143,6 +145,8 @@ def measure(run_dir: Path, corrupt: Tuple[int, str], overrides: Sequence[str], t
     runner = RecipeRunner(recipe)
     teachers = [runner.prepare_teacher(i, cfg) for i, cfg in enumerate(teacher_configs(recipe))]
     index, kind = corrupt
+    if index >= len(teachers):
+        raise DistillError(f"--corrupt: teacher {index} does not exist ({run_dir} has {len(teachers)} teachers)")
     teachers[index] = corrupt_teacher(teachers[index], kind, index, runner.bundle.input_size)
     model = load_student_checkpoint(run_dir / "last.safetensors").model.eval()
     bias = model.get_classifier().bias is not None
@@ -212,7 +216,7 @@ def table(results: Dict[str, Dict]) -> str:
 def main(argv: Sequence[str] = ()) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished runs (recipe.yaml, last.safetensors)")
-    parser.add_argument("--corrupt", required=True, help="INDEX:KIND, e.g. 3:dark (kinds: %s)" % ", ".join(KINDS))
+    parser.add_argument("--corrupt", required=True, help="INDEX:KIND, e.g. 3:dark (kinds: %s)" % ", ".join(MEASURED_KINDS))
     parser.add_argument("--set", nargs="*", default=[], help="recipe overrides, e.g. data.root=/tmp/cifar10")
     parser.add_argument("--train", type=int, default=2048, help="training images (augmented views) measured")
     parser.add_argument("--heldout", type=int, default=2000, help="held-out (test) images")
@@ -221,8 +225,8 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(list(argv))
     index, _, kind = args.corrupt.partition(":")
-    if not index.isdigit() or kind not in KINDS:
-        parser.error(f"--corrupt: {args.corrupt!r} is not INDEX:KIND with KIND one of {', '.join(KINDS)}")
+    if not index.isdigit() or kind not in MEASURED_KINDS:
+        parser.error(f"--corrupt: {args.corrupt!r} is not INDEX:KIND with KIND one of {', '.join(MEASURED_KINDS)}")
     torch.set_num_threads(args.threads)
     results = {}
     for run in args.runs:

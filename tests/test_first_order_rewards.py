@@ -71,3 +71,10 @@ def test_the_policys_classifier_space_reward_is_the_all_parameter_one_restricted
     got = fo.classifier_gradient(held_logits, yh, held_embedding, bias=True).rewards(g, embedding)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
     assert want.abs().max() > 1e-4  # not trivially zero
+
+
+def test_the_command_refuses_a_corruption_whose_logit_rewards_it_does_not_measure(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fo.main(["some/run", "--corrupt", "3:noise_half"])
+    assert exit_info.value.code == 2
+    assert "--corrupt: '3:noise_half' is not INDEX:KIND with KIND one of dark" in capsys.readouterr().err
