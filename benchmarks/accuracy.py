@@ -163,11 +163,14 @@ def row_of(study: Study, name: str, policy: str, seed: int) -> Optional[Dict[str
 # ----------------------------------------------------------------------------- reports
 
 
-def mean_std(values: Sequence[float]) -> str:
-    """Return ``mean ± sample std`` (just the value for one seed)."""
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+def mean_std(values: Sequence[float], signed: bool = False) -> str:
+    """Return ``mean ± sample std`` of the finite ``values`` (just the value for one, ``–`` for
+    none); ``signed`` writes the mean with its sign, for differences."""
+    values = [v for v in values if v == v]
+    if not values:
+        return "–"
+    mean = f"{statistics.mean(values):{'+' if signed else ''}.2f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.2f}"
 
 
 def teacher_rows(study: Study, name: str) -> List[Dict[str, Any]]:
@@ -202,7 +205,7 @@ def markdown(study: Study, rows: List[Dict[str, Any]]) -> str:
                 continue
             finals = [r["final_top1"] for r in runs]
             paired = [r["final_top1"] - ref[r["seed"]] for r in runs if r["seed"] in ref]
-            delta = "–" if policy == study.reference or not paired else mean_std(paired)
+            delta = "–" if policy == study.reference or not paired else mean_std(paired, signed=True)
             seeds = ", ".join(f"{r['final_top1']:.2f}" for r in runs)
             out.append(f"| student, {policy} | {len(runs)} | {mean_std(finals)} | "
                        f"{mean_std([r['best_top1'] for r in runs])} | {delta} | {seeds} |")

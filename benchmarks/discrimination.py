@@ -317,15 +317,6 @@ def weight_report(study: accuracy.Study) -> str:
     return "\n".join(out) + "\n" + pair_report(study)
 
 
-def _spread(values: Sequence[float], digits: int = 2) -> str:
-    values = [v for v in values if v == v]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def pair_report(study: accuracy.Study) -> str:
     """Return a Markdown table per pool with ``dark`` / ``noise_half`` / ``specialist`` teachers:
     per policy, the last epoch's weight on the corrupted and on the clean pairs of each such
@@ -350,9 +341,9 @@ def pair_report(study: accuracy.Study) -> str:
                         for d in runs:
                             epochs = json.loads((d / "pair_weights.json").read_text())
                             values.append(epochs[max(epochs, key=int)][str(m)][part][level])
-                        cells.append(_spread(values))
+                        cells.append(accuracy.mean_std(values))
             top1 = [json.loads((d / "results.json").read_text())["student"]["final_top1"] for d in runs]
-            rows.append(f"| {policy} | {len(runs)} | " + " | ".join(cells) + f" | {_spread(top1)} |")
+            rows.append(f"| {policy} | {len(runs)} | " + " | ".join(cells) + f" | {accuracy.mean_std(top1)} |")
         if not rows:
             continue
         out.append(f"### {name}\n")

@@ -38,10 +38,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +52,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import zoo  # noqa: E402,F401  (registers the zoo models)
+import accuracy  # noqa: E402
 from corruptions import corrupt_teacher, corrupted_pairs  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
 from distill.losses import kd_loss  # noqa: E402
@@ -191,12 +191,6 @@ def measure(run_dir: Path, corrupt: Tuple[int, str], overrides: Sequence[str], t
     return out
 
 
-def _spread(values: List[float], sign: str = "+") -> str:
-    mean = statistics.fmean(values)
-    text = f"{mean:{sign}.2f}"
-    return text if len(values) < 2 else f"{text} ± {statistics.stdev(values):.2f}"
-
-
 def table(results: Dict[str, Dict]) -> str:
     """Return the markdown table of :func:`measure`'s results over runs (mean ± std over runs)."""
     teachers = {r["_student"]["teachers"] for r in results.values()}
@@ -207,7 +201,7 @@ def table(results: Dict[str, Dict]) -> str:
         rows = [r[reward] for r in results.values() if reward in r]
         if not rows:
             continue
-        cells = [_spread([row[part][key] for row in rows], "+" if key == "z" else "")
+        cells = [accuracy.mean_std([row[part][key] for row in rows], signed=key == "z")
                  for part in ("corrupted", "clean") for key in ("z", "lowest")]
         lines.append(f"| {reward} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

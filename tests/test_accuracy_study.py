@@ -77,7 +77,7 @@ def test_sweep_writes_rows_tables_and_plot_and_resumes(tmp_path, capsys):
     camkd = [final[("camkd", "0")], final[("camkd", "1")]]
     diffs = [c - a for c, a in zip(camkd, aver)]
     assert f"{statistics.mean(aver):.2f} ± {statistics.stdev(aver):.2f}" in table
-    assert f"| {statistics.mean(diffs):.2f} ± {statistics.stdev(diffs):.2f} |" in table
+    assert f"| {statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} |" in table
     assert table.count("| teacher ") == 2
     assert (out / "val_top1.png").stat().st_size > 10_000
 
