@@ -237,6 +237,10 @@ class RecipeRunner:
             cache = training_cache(recipe, self.bundle, pool, self.device,
                                    autocast_dtype(recipe.run.precision, self.device))
             self.train_loader = cached_train_loader(recipe, self.bundle.train, cache)
+        elif recipe.run.teacher_cache is not None:  # no teachers to cache: the same stored views, drawn live
+            from .cache.source import view_train_loader
+
+            self.train_loader = view_train_loader(recipe, self.bundle.train)
         if recipe.run.pool_check != "off" and len(pool):  # cheap: top-1 on a few training batches (live or cached)
             from .pool_check import pre_training_check
 

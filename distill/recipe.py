@@ -40,7 +40,7 @@ class DataConfig:
     augment: str = "auto"
     train_subset: Optional[int] = None  # first N training images of a fixed class-balanced shuffle
     val_subset: Optional[int] = None
-    fixed_views: Optional[int] = None  # K views per training image stored in run.teacher_cache; epoch e shows view e mod K
+    fixed_views: Optional[int] = None  # K views per training image stored in run.teacher_cache (drawn live without teachers); epoch e shows view e mod K
     input_size: Optional[int] = None  # override of the dataset's native resolution
     mean: Optional[List[float]] = None  # override of the dataset's normalisation
     std: Optional[List[float]] = None

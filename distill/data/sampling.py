@@ -251,6 +251,22 @@ class SeededSampler(Sampler):
         return getattr(self.inner, name)
 
 
+class ViewSeededSampler(SeededSampler):
+    """A :class:`SeededSampler` whose epoch ``e`` shows view ``e mod K`` of each item: the
+    augmentation a loader of ``view_seed`` gives it in epoch ``e mod K``, i.e. exactly the
+    views a teacher cache of that view seed and K views stores (:mod:`distill.cache.items`).
+    The order still follows ``inner`` (the training seed)."""
+
+    def __init__(self, inner: Sampler, view_seed: int, num_views: int):
+        super().__init__(inner, view_seed)
+        self.num_views = int(num_views)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        view = self.epoch % self.num_views
+        for index in self.inner:
+            yield index, item_seed(self.seed, view, index)
+
+
 class SeededDataset(Dataset):
     """Runs ``dataset[index]`` with the RNGs seeded by the item seed of ``(index, seed)`` keys.
 
@@ -281,7 +297,8 @@ class SeededDataset(Dataset):
 
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int,
-                 sampler: Optional[Sampler] = None, collate_fn: Optional[Callable] = None) -> DataLoader:
+                 sampler: Optional[Sampler] = None, collate_fn: Optional[Callable] = None,
+                 views: Optional[Tuple[int, int]] = None) -> DataLoader:
     """Return a DataLoader over ``dataset`` (batches made by ``collate_fn``, default torch's).
 
     Training loaders visit the dataset in the order of ``sampler`` (default: an
@@ -289,7 +306,8 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
     batch (kept only when the dataset is smaller than one batch, so there is always one
     step). Each training item's random augmentation is seeded with a mix of (seed, epoch,
     index) (the dataset is wrapped; ``loader.dataset`` forwards ``targets`` and friends), so
-    it does not depend on ``num_workers``, worker persistence, the global RNG or resuming.
+    it does not depend on ``num_workers``, worker persistence, the global RNG or resuming;
+    ``views=(view_seed, K)`` shows K fixed views instead (:class:`ViewSeededSampler`).
     Evaluation loaders keep the dataset order and every sample (or follow ``sampler``).
 
     The caller calls ``loader.sampler.set_epoch(epoch)`` before iterating each epoch (the
@@ -300,7 +318,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: in
     """
     if train:
         inner = sampler if sampler is not None else EpochSampler(len(dataset), shuffle=True, seed=seed)
-        loader_sampler: Sampler = SeededSampler(inner, seed)
+        loader_sampler: Sampler = SeededSampler(inner, seed) if views is None else ViewSeededSampler(inner, *views)
         loader_dataset: Dataset = SeededDataset(dataset)
         drop_last = len(inner) >= batch_size
     else:
