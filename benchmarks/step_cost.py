@@ -94,6 +94,8 @@ POLICY_VARIANTS: Dict[str, Tuple[str, dict]] = {
     "mixture": ("mixture", {}),
     "ebkd": ("ebkd", {}),
     "mtkd_rl-heldout": ("mtkd_rl", {"reward": "heldout"}),
+    "mtkd_rl-heldout-refine": ("mtkd_rl", {"reward": "heldout", "fusion": "refine"}),
+    "mtkd_rl-refine": ("mtkd_rl", {"fusion": "refine"}),
     "mtkd_rl-official": ("mtkd_rl", {"variant": "official"}),
     "mtkd_rl-running-learnable": ("mtkd_rl", {"state_norm": "running", "learnable_gammas": True}),
     "mixture-over-mtkd_rl": ("mixture", {"over": "mtkd_rl"}),
