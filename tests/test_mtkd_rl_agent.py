@@ -37,15 +37,16 @@ def one_step(models, args, seed=0):
     return policy, distiller(x, y)
 
 
-def test_refine_weights_at_initialisation_are_the_confidence_prior(good_teachers):
+def test_default_weights_at_initialisation_are_the_confidence_prior(good_teachers):
     models = good_teachers + [shifted(good_teachers[0])]  # a spread of confidences, one near 0
-    policy, out = one_step(models, {"fusion": "refine"})
+    policy, out = one_step(models, {})  # the default: reward heldout, fusion refine
+    assert (policy.reward, policy.fusion) == ("heldout", "refine")
     prior = confidence_weights(out.signals.teacher_ce)
     assert prior[:, 3].max() < 0.05 and prior.max() > 0.3  # the prior is far from uniform
     assert (out.weights.logit - prior).abs().max() <= 1e-6
     assert (out.weights.feat - prior).abs().max() <= 1e-6
-    # mix (the default) at initialisation: 2/3 of the floored uniform generator + 1/3 c
-    policy, out = one_step(models, {})
+    # mix at initialisation: 2/3 of the floored uniform generator + 1/3 c
+    policy, out = one_step(models, {"fusion": "mix"})
     assert torch.allclose(out.weights.logit, 2 / 3 * 0.25 + prior / 3, atol=1e-6)
 
 

@@ -215,7 +215,7 @@ def run_adversarial(variant: str, epochs: int = 40):
     DistillError that stopped them (or None)."""
     teachers = TeacherOutputs(torch.zeros(3, 1, 3), [torch.zeros(1, 4)] * 3, [torch.zeros(1, 4)] * 3)
     args = {"variant": variant, "lr": 0.5, "momentum": 0.9, "max_grad_norm": 0.0}
-    policy = build_policy("mtkd_rl", 3, {**args, **({"kl_limit": 10.0} if variant == "align" else {})})
+    policy = build_policy("mtkd_rl", 3, {**args, **({"kl_limit": 10.0, "fusion": "mix"} if variant == "align" else {})})
     policy.setup(teachers)
     history = []
     try:
@@ -271,7 +271,7 @@ def test_bound_violation_is_one_clear_error(monkeypatch):
     import distill.policies.mtkd_rl.policy as policy_module
 
     teachers = TeacherOutputs(torch.zeros(3, 1, 3), [torch.zeros(1, 4)] * 3, [torch.zeros(1, 4)] * 3)
-    policy = build_policy("mtkd_rl", 3, {})
+    policy = build_policy("mtkd_rl", 3, {"fusion": "mix"})
     policy.setup(teachers)
     entry = adversarial_entry(0)
     entry["reward"] = torch.stack([entry["reward"], entry["reward"]])

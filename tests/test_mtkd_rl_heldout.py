@@ -176,7 +176,8 @@ def test_reward_option_is_validated():
     with pytest.raises(ValueError, match="reward does not apply to variant paper"):
         build_policy("mtkd_rl", 2, {"variant": "paper", "reward": "heldout"})
     policy = build_policy("mtkd_rl", 2, {"reward": "heldout"})
-    with pytest.raises(ValueError, match="reward heldout needs a student whose logits are its linear classifier"):
+    with pytest.raises(ValueError, match=r"reward heldout \(the default\) needs a student whose logits are its linear "
+                                         r"classifier .*give policy_args: \{reward: align\}"):
         policy.bind_student([nn.Linear(2, 2)] * 2, None)
 
 

@@ -209,7 +209,7 @@ def test_the_distiller_binds_the_projectors_and_the_step_reward_is_exact():
     data, tap = DataSpec((1, 6, 6), (0.0,), (1.0,)), FeatureTap("last_map")
     pool = TeacherPool([Teacher(f"{i}", TinyCNN(12).eval(), InputAdapter(data, data.mean, data.std), tap,
                                 data.input_size) for i in range(2)])
-    policy = build_policy("mtkd_rl", 2, {"warmup_epochs": 0})
+    policy = build_policy("mtkd_rl", 2, {"warmup_epochs": 0, "reward": "align"})
     distiller = Distiller(TinyCNN(8), pool, policy, tap, data.input_size)
     projectors = list(distiller.trainable.projectors)
     assert [type(p).__name__ for p in projectors] == ["MapProjector"] * 2

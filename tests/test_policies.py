@@ -487,14 +487,19 @@ def test_state_dict_round_trip_restores_agent_buffer_optimizer_and_rng(tmp_path)
 
 
 def test_mtkd_rl_args_are_checked():
-    for bad in ({"variant": "authors"}, {"gammas": [0.5, 0.5, 0.5]}, {"buffer": 0}, {"lr": 0},
-                {"state_norm": "batch"}, {"update_every": 0}, {"hiden": 64}, {"learnable_gammas": True},
+    mix = {"fusion": "mix"}
+    for bad in ({"variant": "authors"}, {"gammas": [0.5, 0.5, 0.5], **mix}, {"buffer": 0}, {"lr": 0},
+                {"state_norm": "batch"}, {"update_every": 0}, {"hiden": 64}, {"learnable_gammas": True, **mix},
                 {"pg_form": "prob"}, {"variant": "paper", "tau": 0.1}, {"variant": "official", "kl_limit": 0.1},
-                {"floor": 1.5}, {"divergence": "gated"}, {"divergence": "max"}, {"warmup_weight": 0}):
+                {"floor": 1.5}, {"divergence": "gated", **mix}, {"divergence": "max"}, {"warmup_weight": 0}):
         with pytest.raises(ValueError):
             POLICIES["mtkd_rl"].check_args(bad)
-    POLICIES["mtkd_rl"].check_args({"gammas": {"logit": [0.2, 0.4, 0.4]}, "update_every": None})
-    POLICIES["mtkd_rl"].check_args({"gammas": [0.4, 0.3, 0.3], "divergence": "gated", "floor": 0.0})
+    POLICIES["mtkd_rl"].check_args({"gammas": {"logit": [0.2, 0.4, 0.4]}, "update_every": None, **mix})
+    POLICIES["mtkd_rl"].check_args({"gammas": [0.4, 0.3, 0.3], "divergence": "gated", "floor": 0.0, **mix})
+    # the default fusion is refine, which has no gammas: giving them alone names the fix
+    with pytest.raises(ValueError, match=r"gammas does not apply to fusion refine \(the default; give fusion: mix"):
+        POLICIES["mtkd_rl"].check_args({"gammas": [0.4, 0.3, 0.3]})
+    POLICIES["mtkd_rl"].check_args({"variant": "paper", "gammas": [0.4, 0.3, 0.3]})  # paper / official: always mixed
 
 
 # ----------------------------------------------------------------------------- mixture

@@ -50,7 +50,7 @@ Action (Equ. 9-14), deterministic
     learnable 3-vector trained by the agent loss.
 
 Fusion, ``variant: align`` (``fusion``)
-    ``mix`` (default): ``w = 2/3 g + 1/3 c`` as above. ``refine``: the agent refines the
+    ``mix``: ``w = 2/3 g + 1/3 c`` as above. ``refine`` (default): the agent refines the
     confidence prior instead of being averaged with it: per level, ``w = pi = softmax(log c +
     mu_theta(s))`` (``c`` floored at 1e-12 inside the log) with the heads ``mu`` initialised to
     0, so at initialisation the weights are exactly ``c`` and the agent moves them only where
@@ -86,7 +86,8 @@ Reward and objective, ``variant: align``
     reweight, :mod:`.heldout`): the same-sample cosine penalises dark knowledge (mass on the
     classes similar to the label, which the sample's own CE pushes down); the held-out one
     credits it where it lowers the CE of those classes' samples (an inner product, not bounded;
-    the objective's bound below holds for any reward). Default ``align``.
+    the objective's bound below holds for any reward). Default ``heldout`` (it needs a student
+    whose logits are its linear classifier on the pooled pre-logits; ``align`` for others).
     Advantage ``A = (u - mean_m u) / (std_batch(u) + 1e-6)``; per level the
     all-actions policy gradient with an entropy term::
 

@@ -12,20 +12,21 @@ from .action import DIVERGENCES, parse_gammas
 VARIANTS = ("align", "paper", "official")
 PG_FORMS = ("log", "prob")
 STATE_NORMS = ("none", "running")
-REWARDS = ("align", "heldout")  # variant align's reward at the logit level (.rewards, .heldout)
+REWARDS = ("align", "heldout")  # variant align's reward at the logit level (.rewards, .heldout); default heldout
 # align's two ways to combine the agent with the confidence prior c: 2/3 g + 1/3 c (Equ. 13-14 without
-# the divergence term) or softmax(log c + mu_theta(s)) (the agent refines c; exactly c at initialisation)
+# the divergence term) or softmax(log c + mu_theta(s)) (the agent refines c; exactly c at initialisation;
+# the default)
 FUSIONS = ("mix", "refine")
 NOT_REFINE = ("gammas", "divergence", "learnable_gammas")
 BUFFER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # arguments whose default depends on the variant (None in the signature means "the variant's")
 VARIANT_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "align": {"lr": 0.01, "momentum": 0.9, "max_grad_norm": 1.0, "state_norm": "running",
-              "gammas": [2 / 3, 1 / 3, 0.0], "buffer_dtype": "float32"},
+              "gammas": [2 / 3, 1 / 3, 0.0], "buffer_dtype": "float32", "reward": "heldout", "fusion": "refine"},
     "paper": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3,
-              "buffer_dtype": "bfloat16"},
+              "buffer_dtype": "bfloat16", "reward": None, "fusion": "mix"},
     "official": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3,
-                 "buffer_dtype": "bfloat16"},
+                 "buffer_dtype": "bfloat16", "reward": None, "fusion": "mix"},
 }
 ALIGN_ONLY = ("floor", "tau", "kl_limit", "reward", "fusion")
 NOT_ALIGN = ("learnable_gammas",)
@@ -75,10 +76,11 @@ def check_mtkd_args(args: Dict[str, Any]) -> None:
             wrong.append("pg_form")
     if wrong:
         raise ValueError(f"policy 'mtkd_rl': {', '.join(wrong)} does not apply to variant {variant}")
-    if args.get("fusion") == "refine":
+    if args.get("fusion", VARIANT_DEFAULTS[variant]["fusion"]) == "refine":
         wrong = [k for k in NOT_REFINE if k in args and args[k] is not False]
         if wrong:
-            raise ValueError(f"policy 'mtkd_rl': {', '.join(wrong)} does not apply to fusion refine "
+            given = "" if "fusion" in args else " (the default; give fusion: mix for the gammas of Equ. 13-14)"
+            raise ValueError(f"policy 'mtkd_rl': {', '.join(wrong)} does not apply to fusion refine{given} "
                              "(its weights are softmax(log c + mu), no gammas)")
     if not isinstance(args.get("learnable_gammas", False), bool):
         raise ValueError("policy 'mtkd_rl': learnable_gammas must be true or false, "

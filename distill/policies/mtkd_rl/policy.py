@@ -69,11 +69,11 @@ class MTKDRLPolicy(WeightingPolicy):
         self.update_every = update_every
         self.buffer_dtype = BUFFER_DTYPES[buffer_dtype or defaults["buffer_dtype"]]
         self.pg_form = pg_form
-        self.fusion = fusion or "mix"
+        self.fusion = fusion or defaults["fusion"]
         self.floor = (0.0 if self.fusion == "refine" else 0.1) if floor is None else float(floor)
         self.tau = 0.2 if tau is None else float(tau)
         self.kl_limit = 0.05 if kl_limit is None else float(kl_limit)
-        self.reward = reward or "align"
+        self.reward = reward or defaults["reward"]
         self.heldout = HeldoutGradient() if self.reward == "heldout" else None
         self.alpha, self.beta, self.temperature, self.logit_loss = 1.0, 5.0, 4.0, "kd"
         self.projectors: Optional[List[nn.Module]] = None  # bound by the Distiller (plain list: not submodules)
@@ -100,8 +100,9 @@ class MTKDRLPolicy(WeightingPolicy):
         """Keep the projectors (align: the reward differentiates each teacher's term per sample
         through them, :mod:`.persample`) and whether the student's classifier has a bias."""
         if self.heldout is not None and classifier is None:
-            raise ValueError("policy 'mtkd_rl': reward heldout needs a student whose logits are its linear "
-                             "classifier applied to the pooled pre-logits (no head dropout)")
+            raise ValueError("policy 'mtkd_rl': reward heldout (the default) needs a student whose logits are its "
+                             "linear classifier applied to the pooled pre-logits (no head dropout); "
+                             "give policy_args: {reward: align} for another student")
         self.projectors = list(projectors)
         self.classifier_bias = None if classifier is None else classifier.bias is not None
 
