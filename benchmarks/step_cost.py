@@ -93,11 +93,11 @@ POLICY_VARIANTS: Dict[str, Tuple[str, dict]] = {
     "mtkd_rl": ("mtkd_rl", {}),
     "mixture": ("mixture", {}),
     "ebkd": ("ebkd", {}),
-    "mtkd_rl-heldout": ("mtkd_rl", {"reward": "heldout"}),
-    "mtkd_rl-heldout-refine": ("mtkd_rl", {"reward": "heldout", "fusion": "refine"}),
-    "mtkd_rl-refine": ("mtkd_rl", {"fusion": "refine"}),
+    "mtkd_rl-align-mix": ("mtkd_rl", {"reward": "align", "fusion": "mix"}),  # the default until 2026-12-05
+    "mtkd_rl-align-refine": ("mtkd_rl", {"reward": "align", "fusion": "refine"}),
+    "mtkd_rl-heldout-mix": ("mtkd_rl", {"reward": "heldout", "fusion": "mix"}),
     "mtkd_rl-official": ("mtkd_rl", {"variant": "official"}),
-    "mtkd_rl-running-learnable": ("mtkd_rl", {"state_norm": "running", "learnable_gammas": True}),
+    "mtkd_rl-running-learnable": ("mtkd_rl", {"state_norm": "running", "learnable_gammas": True, "fusion": "mix"}),
     "mixture-over-mtkd_rl": ("mixture", {"over": "mtkd_rl"}),
 }
 BOUNDS = ("bound", "bound+kd")
