@@ -107,3 +107,19 @@ def test_checkpoint_of_another_student_architecture(tmp_path, capsys):
     err = _error_line(capsys)
     assert "cannot resume" in err and "student" in err and "last" in err
     assert ckpt.read_bytes() == before
+
+
+def test_default_mtkd_rl_on_a_student_without_a_linear_head_names_the_fix(tmp_path, capsys):
+    """The default held-out reward reads the student's linear classifier; head dropout breaks z = W h + b."""
+    raw = yaml.safe_load(open(_recipe(tmp_path, tmp_path / "run")))
+    raw["teachers"] = [{"model": "cifar_resnet8", "pretrained": False}]
+    raw["distill"] = {"policy": "mtkd_rl", "features": "pre_logits"}
+    raw["student"] = {"model": "cifar_resnet8", "model_args": {"drop_rate": 0.1}}
+    path = tmp_path / "head.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli.train_main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()  # the dry run's progress lines, then one error line
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("error: policy 'mtkd_rl': reward heldout "
+                                                                      "(the default) needs a student")
+    assert "give policy_args: {reward: align}" in err.splitlines()[-1]
+    assert cli.train_main([str(path), "--dry-run", "distill.policy_args={reward: align}"]) == 0

@@ -10,6 +10,7 @@ from torch import nn
 torch.set_num_threads(1)
 
 from distill import losses  # noqa: E402
+from distill.errors import DistillError  # noqa: E402
 from distill.policies import build_policy  # noqa: E402
 from distill.policies.mtkd_rl import HeldoutGradient, PerSampleTerms, heldout_rewards  # noqa: E402
 from distill.policies.mtkd_rl.persample import logit_terms  # noqa: E402
@@ -176,7 +177,7 @@ def test_reward_option_is_validated():
     with pytest.raises(ValueError, match="reward does not apply to variant paper"):
         build_policy("mtkd_rl", 2, {"variant": "paper", "reward": "heldout"})
     policy = build_policy("mtkd_rl", 2, {"reward": "heldout"})
-    with pytest.raises(ValueError, match=r"reward heldout \(the default\) needs a student whose logits are its linear "
+    with pytest.raises(DistillError, match=r"reward heldout \(the default\) needs a student whose logits are its linear "
                                          r"classifier .*give policy_args: \{reward: align\}"):
         policy.bind_student([nn.Linear(2, 2)] * 2, None)
 

@@ -98,9 +98,10 @@ class MTKDRLPolicy(WeightingPolicy):
 
     def bind_student(self, projectors: Sequence[nn.Module], classifier: Optional[nn.Linear]) -> None:
         """Keep the projectors (align: the reward differentiates each teacher's term per sample
-        through them, :mod:`.persample`) and whether the student's classifier has a bias."""
+        through them, :mod:`.persample`) and whether the student's classifier has a bias.
+        Raises DistillError for ``reward: heldout`` without a linear classifier (``None``)."""
         if self.heldout is not None and classifier is None:
-            raise ValueError("policy 'mtkd_rl': reward heldout (the default) needs a student whose logits are its "
+            raise DistillError("policy 'mtkd_rl': reward heldout (the default) needs a student whose logits are its "
                              "linear classifier applied to the pooled pre-logits (no head dropout); "
                              "give policy_args: {reward: align} for another student")
         self.projectors = list(projectors)
