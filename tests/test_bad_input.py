@@ -7,6 +7,7 @@ weights (tests/test_resolve.py) and from the Hub (tests/test_hub.py).
 """
 
 import pickle
+from pathlib import Path
 
 import pytest
 import timm
@@ -111,7 +112,7 @@ def test_checkpoint_of_another_student_architecture(tmp_path, capsys):
 
 def test_default_mtkd_rl_on_a_student_without_a_linear_head_names_the_fix(tmp_path, capsys):
     """The default held-out reward reads the student's linear classifier; head dropout breaks z = W h + b."""
-    raw = yaml.safe_load(open(_recipe(tmp_path, tmp_path / "run")))
+    raw = yaml.safe_load(Path(_recipe(tmp_path, tmp_path / "run")).read_text())
     raw["teachers"] = [{"model": "cifar_resnet8", "pretrained": False}]
     raw["distill"] = {"policy": "mtkd_rl", "features": "pre_logits"}
     raw["student"] = {"model": "cifar_resnet8", "model_args": {"drop_rate": 0.1}}
