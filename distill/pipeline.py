@@ -3,7 +3,9 @@ cache), distillation, the optional student-alone baseline, and the final report.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -114,6 +116,16 @@ def make_teacher(name: str, cfg: TeacherConfig, resolved: ResolvedModel, data: D
     return Teacher(name, resolved.model, adapter, tap, input_shape, index)
 
 
+TEACHER_METRICS = "teacher_metrics.json"  # in the run directory: {teacher key: metrics}
+
+
+def _metrics_entry(entry: Any) -> bool:
+    """Return whether ``entry`` is a stored metrics record (finite top1, top5 and loss); anything
+    else (a file from another version, a hand edit) is measured again, not trusted."""
+    return isinstance(entry, dict) and set(entry) == {"top1", "top5", "loss"} and \
+        all(isinstance(v, (int, float)) and math.isfinite(v) for v in entry.values())
+
+
 def _data_spec(bundle: DataBundle) -> DataSpec:
     return DataSpec(tuple(bundle.input_size), tuple(bundle.mean), tuple(bundle.std))
 
@@ -210,6 +222,27 @@ class RecipeRunner:
         teacher.to(self.device)
         return evaluate(teacher.logits, self.val_loader, self.device)
 
+    def teacher_key(self, teacher: Teacher, cfg: TeacherConfig) -> str:
+        """Return the key of ``teacher``'s test metrics: a hash of its weights' provenance (SHA-256,
+        class map), its recipe entry (input adapter), the data section, the test-set size and the device."""
+        identity = {"source": teacher.source, "teacher": asdict(cfg), "data": asdict(self.recipe.data),
+                    "test_images": len(self.bundle.val), "device": str(self.device)}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+    def teacher_metrics(self, teachers: Sequence[Teacher], cfgs: Sequence[TeacherConfig]) -> List[Dict[str, float]]:
+        """Return each teacher's test metrics (``{'top1', 'top5', 'loss'}``), measured once per run
+        directory: a resumed run reads them from ``teacher_metrics.json`` where :meth:`teacher_key`
+        matches and evaluates only the teachers that changed. Every rank reads the file before any
+        (collective) evaluation and rank 0 writes it after the last, so the ranks agree under DDP."""
+        path = self.run_dir / TEACHER_METRICS
+        stored = read_json(path, "teacher metrics") if path.is_file() else {}
+        keys = [self.teacher_key(t, cfg) for t, cfg in zip(teachers, cfgs)]
+        metrics = [stored[k] if _metrics_entry(stored.get(k)) else self.evaluate_teacher(t)
+                   for k, t in zip(keys, teachers)]
+        if distributed.is_main():
+            write_text(path, json.dumps(dict(zip(keys, metrics)), indent=1))
+        return metrics
+
     # -- the run ----------------------------------------------------------------
 
     def run(self) -> RunReport:
@@ -220,9 +253,9 @@ class RecipeRunner:
             write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
         report = RunReport(recipe.data.dataset, len(self.bundle.val), class_names=list(self.bundle.class_names))
 
-        teachers = [self.prepare_teacher(i, cfg) for i, cfg in enumerate(teacher_configs(recipe))]
-        for t in teachers:
-            metrics = self.evaluate_teacher(t)
+        cfgs = teacher_configs(recipe)
+        teachers = [self.prepare_teacher(i, cfg) for i, cfg in enumerate(cfgs)]
+        for t, metrics in zip(teachers, self.teacher_metrics(teachers, cfgs)):
             report.teachers.append({"name": t.name, **metrics, "source": t.source})
 
         seed_everything(recipe.seed)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from distill import cli
 from distill.engine import Trainer
 from distill.pipeline import RecipeRunner
-from distill.recipe_load import recipe_from_dict
+from distill.recipe_load import recipe_from_dict, teacher_configs
 
 torch.set_num_threads(1)
 
@@ -68,7 +68,17 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
         RecipeRunner(recipe_from_dict(_raw(tmp_path / "cut"))).run()
     monkeypatch.setattr(Trainer, "_save", original)
     assert json.loads((tmp_path / "cut" / "last.json").read_text())["epoch"] == 0
+    stored = json.loads((tmp_path / "cut" / "teacher_metrics.json").read_text())
+    assert len(stored) == 1  # one teacher, measured before the crash
+
+    def not_again(self, teacher):
+        raise AssertionError(f"{teacher.name} evaluated again on resume")
+
+    monkeypatch.setattr(RecipeRunner, "evaluate_teacher", not_again)  # the resumed run reads the stored metrics
     resumed = RecipeRunner(recipe_from_dict(_raw(tmp_path / "cut")), resume=True).run()
+    monkeypatch.undo()
+    assert [{k: t[k] for k in ("top1", "top5", "loss")} for t in resumed.teachers] == list(stored.values())
+    assert resumed.teachers[0]["top1"] == full.teachers[0]["top1"]
 
     a = load_file(str(tmp_path / "full" / "last.safetensors"))
     b = load_file(str(tmp_path / "cut" / "last.safetensors"))
@@ -78,6 +88,29 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
     assert resumed.student["final_top1"] == full.student["final_top1"]
     rows = (tmp_path / "cut" / "summary.csv").read_text().splitlines()
     assert len(rows) == 3  # header + 2 epochs, no duplicate row from the resumed epoch
+
+
+def test_teacher_metrics_are_measured_again_when_the_teacher_or_the_test_set_changes(tmp_path, monkeypatch):
+    runner = RecipeRunner(recipe_from_dict(_raw(tmp_path / "run")))
+    cfg = teacher_configs(runner.recipe)[0]
+    teacher = runner.prepare_teacher(0, cfg)
+    calls = []
+    monkeypatch.setattr(RecipeRunner, "evaluate_teacher",
+                        lambda self, t: calls.append(t.name) or {"top1": 50.0, "top5": 90.0, "loss": 1.5})
+    assert runner.teacher_metrics([teacher], [cfg]) == [{"top1": 50.0, "top5": 90.0, "loss": 1.5}]
+    assert runner.teacher_metrics([teacher], [cfg]) == [{"top1": 50.0, "top5": 90.0, "loss": 1.5}]
+    assert len(calls) == 1  # stored and reused
+    teacher.source = dict(teacher.source, sha256="0" * 64)  # other weights
+    runner.teacher_metrics([teacher], [cfg])
+    assert len(calls) == 2
+    other = RecipeRunner(recipe_from_dict({**_raw(tmp_path / "run"), "data": {**_raw(tmp_path)["data"], "val_subset": 64}}))
+    other.teacher_metrics([teacher], [cfg])  # another test set: the stored entry does not apply
+    assert len(calls) == 3
+    path = tmp_path / "run" / "teacher_metrics.json"
+    key = other.teacher_key(teacher, cfg)
+    path.write_text(json.dumps({key: {"top1": float("nan"), "top5": 90.0, "loss": 1.5}}))
+    other.teacher_metrics([teacher], [cfg])  # a non-finite record is measured again, not trusted
+    assert len(calls) == 4 and json.loads(path.read_text())[key]["top1"] == 50.0
 
 
 def _trained_recipe(tmp_path: Path, capsys, **changes) -> Path:
