@@ -236,6 +236,8 @@ class RecipeRunner:
         (collective) evaluation and rank 0 writes it after the last, so the ranks agree under DDP."""
         path = self.run_dir / TEACHER_METRICS
         stored = read_json(path, "teacher metrics") if path.is_file() else {}
+        if not isinstance(stored, dict):
+            raise DistillError(f"{path}: not a teacher-metrics file (a JSON object of metrics); delete it to measure again")
         keys = [self.teacher_key(t, cfg) for t, cfg in zip(teachers, cfgs)]
         metrics = [stored[k] if _metrics_entry(stored.get(k)) else self.evaluate_teacher(t)
                    for k, t in zip(keys, teachers)]

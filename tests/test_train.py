@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from distill import cli
 from distill.engine import Trainer
+from distill.errors import DistillError
 from distill.pipeline import RecipeRunner
 from distill.recipe_load import recipe_from_dict, teacher_configs
 
@@ -111,6 +112,9 @@ def test_teacher_metrics_are_measured_again_when_the_teacher_or_the_test_set_cha
     path.write_text(json.dumps({key: {"top1": float("nan"), "top5": 90.0, "loss": 1.5}}))
     other.teacher_metrics([teacher], [cfg])  # a non-finite record is measured again, not trusted
     assert len(calls) == 4 and json.loads(path.read_text())[key]["top1"] == 50.0
+    path.write_text("[1, 2]")
+    with pytest.raises(DistillError, match="teacher_metrics.json: not a teacher-metrics file"):
+        other.teacher_metrics([teacher], [cfg])
 
 
 def _trained_recipe(tmp_path: Path, capsys, **changes) -> Path:
