@@ -1,5 +1,8 @@
 """Provenance of a run: content hashes of models and readable differences between records.
 
+``record_hash(record)`` is the hex SHA-256 of a JSON record's sorted serialisation: the key of
+a teacher cache and of a run's stored teacher metrics.
+
 ``content_hash(model)`` is a SHA-256 over a model's ``state_dict`` as loaded (sorted keys;
 each key, dtype, shape and raw bytes), so two teachers hash alike exactly when they compute
 the same function, wherever their weights came from (Hub, file, URL, trained here).
@@ -23,6 +26,13 @@ import torch
 from torch import nn
 
 _MAX_VALUE = 80  # characters of a value shown in a difference line
+
+
+def record_hash(record: Any) -> str:
+    """Return the hex SHA-256 (64 digits) of ``record`` serialised as JSON with sorted keys.
+
+    Raises ``TypeError`` for a value JSON cannot hold, rather than hashing an object's repr."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def content_hash(model: nn.Module) -> str:

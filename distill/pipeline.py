@@ -3,7 +3,6 @@ cache), distillation, the optional student-alone baseline, and the final report.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -22,7 +21,7 @@ from .classmap import resolve_class_map
 from .engine import Trainer, TrainResult, evaluate
 from .errors import DistillError
 from .fileio import ensure_dir, read_json, write_text
-from .manifest import content_hash, record_differences
+from .manifest import content_hash, record_differences, record_hash
 from .optim import build_scheduler
 from .recipe import Recipe, TeacherConfig, to_dict
 from .recipe_load import teacher_configs
@@ -227,7 +226,7 @@ class RecipeRunner:
         class map), its recipe entry (input adapter), the data section, the test-set size and the device."""
         identity = {"source": teacher.source, "teacher": asdict(cfg), "data": asdict(self.recipe.data),
                     "test_images": len(self.bundle.val), "device": str(self.device)}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+        return record_hash(identity)
 
     def teacher_metrics(self, teachers: Sequence[Teacher], cfgs: Sequence[TeacherConfig]) -> List[Dict[str, float]]:
         """Return each teacher's test metrics (``{'top1', 'top5', 'loss'}``), measured once per run

@@ -319,6 +319,22 @@ def test_key_tracks_files_seed_views_teachers_top_k_and_dtype(image_tree, tmp_pa
     assert dataset_fingerprint(build_data(_data_cfg(root, "cifar")).train)["files"] != before["files"]
 
 
+def test_record_hash_is_the_sha256_of_sorted_json_and_refuses_what_json_cannot_hold():
+    """One digest keys caches and stored teacher metrics: an existing cache keeps its key across versions."""
+    import hashlib
+
+    from distill.cache.store import KEY_LENGTH, cache_key
+    from distill.manifest import record_hash
+
+    record = {"views": 2, "teachers": [{"sha256": "ab", "tap": "last_map"}], "autocast": None}
+    text = '{"autocast": null, "teachers": [{"sha256": "ab", "tap": "last_map"}], "views": 2}'
+    assert record_hash(record) == hashlib.sha256(text.encode()).hexdigest()
+    assert cache_key(record) == record_hash(record)[:KEY_LENGTH] and KEY_LENGTH == 32
+    assert record_hash(dict(reversed(list(record.items())))) == record_hash(record)
+    with pytest.raises(TypeError):
+        record_hash({"root": Path("/data")})  # no repr()-based key that could never match again
+
+
 def test_cache_shard_with_non_finite_outputs_is_refused_naming_shard_and_tensor(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 

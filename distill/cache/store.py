@@ -33,7 +33,6 @@ a cache whose spec differs from the recipe's, or with a missing or corrupt shard
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from torch.utils.data import Dataset
 
 from ..fileio import atomic_write, read_json
 from ..errors import DistillError
-from ..manifest import content_hash, record_differences
+from ..manifest import content_hash, record_differences, record_hash
 from ..paths import distill_home
 from ..signals import TeacherOutputs
 from ..teachers import TeacherPool
@@ -140,7 +139,7 @@ def cache_spec(dataset: Dataset, augment: Dict[str, Any], view_seed: int, views:
 
 def cache_key(spec: Dict[str, Any]) -> str:
     """Return the key of a spec: the first 32 hex digits of the SHA-256 of its sorted JSON."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:KEY_LENGTH]
+    return record_hash(spec)[:KEY_LENGTH]
 
 
 # ----------------------------------------------------------------------------- reading
