@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 from .cli_parser import CommandParser, run_subcommand
 from .errors import DistillError
@@ -95,37 +95,41 @@ def describe(folder: Path) -> List[str]:
 
 
 def _info(args: argparse.Namespace) -> int:
-    target = args.target
-    if Path(target).is_file():
-        from .cache.projection import describe_projection, feature_shapes, project
-        from .cache.recipes import recipe_cache_spec
-
-        recipe, bundle, pool, device, dtype = _recipe_parts(target, list(args.overrides))
-        spec = recipe_cache_spec(recipe, bundle, pool, dtype)
-        size = project(len(bundle.train), spec["views"], spec["top_k"], spec["num_classes"],
-                       [t["name"] for t in spec["teachers"]], feature_shapes(pool, bundle.input_size, device),
-                       spec.get("sketch", 0))
-        print("\n".join(describe_projection(size, recipe.distill.features)))
-        folder = cache_root() / spec["key"]
-        if not (folder / "index.json").is_file() and not (folder / "spec.json").is_file():
-            print(f"key        {spec['key']} (not built yet: distill-cache build {target})")
-            return 0
-        print("\n".join(describe(folder)))
+    if not Path(args.target).is_file():
+        print("\n".join(describe(_cache_folder(args.target, list(args.overrides)))))
         return 0
-    print("\n".join(describe(_cache_folder(target, []))))
+    from .cache.projection import describe_projection, feature_shapes, project
+
+    recipe, bundle, pool, device, spec = _recipe_spec(args.target, list(args.overrides))
+    size = project(len(bundle.train), spec["views"], spec["top_k"], spec["num_classes"],
+                   [t["name"] for t in spec["teachers"]], feature_shapes(pool, bundle.input_size, device),
+                   spec.get("sketch", 0))
+    print("\n".join(describe_projection(size, recipe.distill.features)))
+    folder = cache_root() / spec["key"]
+    if not (folder / "index.json").is_file() and not (folder / "spec.json").is_file():
+        print(f"key        {spec['key']} (not built yet: distill-cache build {args.target})")
+        return 0
+    print("\n".join(describe(folder)))
     return 0
+
+
+def _recipe_spec(recipe_path: str, overrides: List[str]) -> Tuple[Any, Any, Any, Any, Dict[str, Any]]:
+    """Return ``(recipe, bundle, pool, device, spec)``: a recipe file's parts and its cache's spec with ``key``."""
+    from .cache.recipes import recipe_cache_spec
+
+    recipe, bundle, pool, device, dtype = _recipe_parts(recipe_path, overrides)
+    return recipe, bundle, pool, device, recipe_cache_spec(recipe, bundle, pool, dtype)
 
 
 def _cache_folder(target: str, overrides: List[str]) -> Path:
     """Return the cache folder ``target`` names: a cache key, or a recipe file (its cache's key)."""
     if Path(target).is_file():
-        from .cache.recipes import recipe_cache_spec
-
-        recipe, bundle, pool, _, dtype = _recipe_parts(target, overrides)
-        return cache_root() / recipe_cache_spec(recipe, bundle, pool, dtype)["key"]
-    if len(target) == KEY_LENGTH:
-        return cache_root() / target
-    raise DistillError(f"{target}: neither a recipe file nor a {KEY_LENGTH}-digit cache key")
+        return cache_root() / _recipe_spec(target, overrides)[4]["key"]
+    if len(target) != KEY_LENGTH:
+        raise DistillError(f"{target}: neither a recipe file nor a {KEY_LENGTH}-digit cache key")
+    if overrides:
+        raise DistillError(f"{target}: overrides ({' '.join(overrides)}) apply to a recipe file, not to a cache key")
+    return cache_root() / target
 
 
 def _verify(args: argparse.Namespace) -> int:

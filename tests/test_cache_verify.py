@@ -116,3 +116,12 @@ def test_verify_passes_a_whole_cache_and_a_read_only_folder_is_still_opened(fold
     assert len(hashed) == 3  # nothing remembered: hashed again
     assert cache_main(["verify", "0" * 32]) == 2
     assert "no finished teacher cache there" in capsys.readouterr().err
+
+
+def test_a_cache_key_with_overrides_or_a_bad_target_is_one_error_line(folder, capsys):
+    for command in ("verify", "info"):
+        assert cache_main([command, folder.name, "data.train_subset=10"]) == 2  # overrides fit recipes only
+        assert "apply to a recipe file, not to a cache key" in capsys.readouterr().err
+        assert cache_main([command, "no-such-recipe.yaml"]) == 2
+        assert "neither a recipe file nor a 32-digit cache key" in capsys.readouterr().err
+    assert cache_main(["info", folder.name]) == 0 and folder.name in capsys.readouterr().out
