@@ -17,6 +17,9 @@ REWARDS = ("align", "heldout")  # variant align's reward at the logit level (.re
 # the divergence term) or softmax(log c + mu_theta(s)) (the agent refines c; exactly c at initialisation;
 # the default)
 FUSIONS = ("mix", "refine")
+# refine's logit-level prior: Equ. 9's confidence, or the confidence times the teachers' consensus on
+# the dark knowledge (..consensus); the feature level's prior is the confidence either way
+PRIORS = ("confidence", "consensus")
 NOT_REFINE = ("gammas", "divergence", "learnable_gammas")
 BUFFER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # arguments whose default depends on the variant (None in the signature means "the variant's")
@@ -28,7 +31,7 @@ VARIANT_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "official": {"lr": 0.1, "momentum": 0.0, "max_grad_norm": 0.0, "state_norm": "none", "gammas": [1 / 3] * 3,
                  "buffer_dtype": "bfloat16", "reward": None, "fusion": "mix"},
 }
-ALIGN_ONLY = ("floor", "tau", "kl_limit", "reward", "fusion")
+ALIGN_ONLY = ("floor", "tau", "kl_limit", "reward", "fusion", "prior")
 NOT_ALIGN = ("learnable_gammas",)
 
 
@@ -54,7 +57,7 @@ def check_mtkd_args(args: Dict[str, Any]) -> None:
 
     choice_args = (("variant", VARIANTS), ("state_norm", STATE_NORMS), ("buffer_dtype", tuple(BUFFER_DTYPES)),
                    ("pg_form", PG_FORMS), ("divergence", DIVERGENCES), ("reward", REWARDS),
-                   ("fusion", FUSIONS))
+                   ("fusion", FUSIONS), ("prior", PRIORS))
     for key, choices in choice_args:
         if key in args and args[key] not in choices:
             raise ValueError(f"policy 'mtkd_rl': {key} must be one of {', '.join(choices)}, got {args[key]!r}")
@@ -82,6 +85,9 @@ def check_mtkd_args(args: Dict[str, Any]) -> None:
             given = "" if "fusion" in args else " (the default; give fusion: mix for the gammas of Equ. 13-14)"
             raise ValueError(f"policy 'mtkd_rl': {', '.join(wrong)} does not apply to fusion refine{given} "
                              "(its weights are softmax(log c + mu), no gammas)")
+    if args.get("prior", "confidence") != "confidence" and args.get("fusion", VARIANT_DEFAULTS[variant]["fusion"]) != "refine":
+        raise ValueError(f"policy 'mtkd_rl': prior {args['prior']} applies to fusion refine (the prior inside "
+                         "softmax(log prior + mu)), not to fusion mix")
     if not isinstance(args.get("learnable_gammas", False), bool):
         raise ValueError("policy 'mtkd_rl': learnable_gammas must be true or false, "
                          f"got {args['learnable_gammas']!r}")

@@ -17,6 +17,7 @@ from ...errors import DistillError
 from ...signals import Signals, StudentOutputs, TeacherOutputs
 from ..base import Weights, WeightingPolicy, register_policy
 from ..camkd import confidence_weights
+from ..consensus import consensus_prior
 from .action import divergence_weights, floored, fuse, gated_divergence, parse_gammas
 from .args import BUFFER_DTYPES, VARIANT_DEFAULTS, check_mtkd_args
 from .agent import MTKDAgent, build_state, kl_divergence, level_loss, optimiser_step
@@ -44,14 +45,14 @@ class MTKDRLPolicy(WeightingPolicy):
                  update_every: Optional[int] = None, buffer_dtype: Optional[str] = None,
                  state_norm: Optional[str] = None, seed: int = 0, pg_form: str = "log",
                  floor: Optional[float] = None, tau: Optional[float] = None, kl_limit: Optional[float] = None,
-                 reward: Optional[str] = None, fusion: Optional[str] = None):
+                 reward: Optional[str] = None, fusion: Optional[str] = None, prior: Optional[str] = None):
         super().__init__(num_teachers)
         given = dict(variant=variant, hidden=hidden, gammas=gammas, divergence=divergence,
                      learnable_gammas=learnable_gammas, lr=lr, momentum=momentum, weight_decay=weight_decay,
                      max_grad_norm=max_grad_norm, warmup_epochs=warmup_epochs, warmup_weight=warmup_weight,
                      buffer=buffer, update_every=update_every, buffer_dtype=buffer_dtype, state_norm=state_norm,
                      seed=seed, pg_form=pg_form, floor=floor, tau=tau, kl_limit=kl_limit, reward=reward,
-                     fusion=fusion)
+                     fusion=fusion, prior=prior)
         type(self).check_args({k: v for k, v in given.items() if v is not None})
         defaults = VARIANT_DEFAULTS[variant]
         self.variant, self.hidden, self.seed = variant, hidden, seed
@@ -74,6 +75,10 @@ class MTKDRLPolicy(WeightingPolicy):
         self.tau = 0.2 if tau is None else float(tau)
         self.kl_limit = 0.05 if kl_limit is None else float(kl_limit)
         self.reward = reward or defaults["reward"]
+        self.prior = prior or "confidence"
+        if self.prior == "consensus" and num_teachers < 3:
+            raise ValueError(f"policy 'mtkd_rl': prior consensus needs at least 3 teachers to outvote one, "
+                             f"got {num_teachers}")
         self.heldout = HeldoutGradient() if self.reward == "heldout" else None
         self.alpha, self.beta, self.temperature, self.logit_loss = 1.0, 5.0, 4.0, "kd"
         self.projectors: Optional[List[nn.Module]] = None  # bound by the Distiller (plain list: not submodules)
@@ -151,8 +156,10 @@ class MTKDRLPolicy(WeightingPolicy):
         """Return True during the pre-training epochs (fixed weights, agent not used)."""
         return self.epoch < self.warmup_epochs
 
-    def _step_tensors(self, signals: Signals, teachers: TeacherOutputs, student: StudentOutputs) -> Dict[str, Tensor]:
-        """Return this step's state, confidence / divergence weights and (align) rewards, once per step."""
+    def _step_tensors(self, signals: Signals, teachers: TeacherOutputs, student: StudentOutputs,
+                      target: Tensor) -> Dict[str, Tensor]:
+        """Return this step's state, confidence / divergence weights, (``prior: consensus``) the
+        logit level's prior and (align) rewards, once per step."""
         with torch.autocast(signals.student_ce.device.type, enabled=False):
             out: Dict[str, Tensor] = {}
             if self.variant == "align":  # needs the step's graph: before backward
@@ -161,6 +168,8 @@ class MTKDRLPolicy(WeightingPolicy):
             with torch.no_grad():
                 out["state"] = build_state(signals, teachers)
                 out["conf"] = confidence_weights(signals.teacher_ce)
+                if self.prior == "consensus":
+                    out["prior_logit"] = consensus_prior(out["conf"], teachers.logits, target)
                 if self.learnable_gammas or self.gamma_rows[0][2] > 0:
                     out["div_logit"] = self._divergence(divergence_weights(signals.kl), out["conf"])
                 if self.learnable_gammas or self.gamma_rows[1][2] > 0:
@@ -176,12 +185,17 @@ class MTKDRLPolicy(WeightingPolicy):
 
     def _policy(self, step: Dict[str, Tensor], device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
         """Return the agent's ``log pi_l, log pi_f`` ``(B, M)`` on a step's (or, moved to ``device``
-        in float32, a replayed episode's) state; ``fusion: refine`` puts the confidence prior in."""
+        in float32, a replayed episode's) state; ``fusion: refine`` puts the priors in (:meth:`_priors`)."""
         state = step["state"] if device is None else step["state"].to(device, torch.float32)
         if self.fusion != "refine":
             return self.agent(state)
-        conf = step["conf"].to(state.device, torch.float32)
-        return self.agent(state, (conf, conf))
+        return self.agent(state, self._priors(step, state.device))
+
+    def _priors(self, step: Dict[str, Tensor], device: torch.device) -> Tuple[Tensor, Tensor]:
+        """Return ``fusion: refine``'s priors ``(B, M)`` of the logit and feature levels, float32 on
+        ``device``: the confidence ``c`` at both, or at the logit level ``prior_logit`` (``prior: consensus``)."""
+        conf = step["conf"].to(device, torch.float32)
+        return step.get("prior_logit", conf).to(device, torch.float32), conf
 
     def _generator(self, log_pi: Tensor) -> Tensor:
         """Return the executed generator weight from the head's log-policy ``(B, M)``."""
@@ -191,7 +205,7 @@ class MTKDRLPolicy(WeightingPolicy):
                 target: Tensor) -> Weights:
         """Return ``w_l, w_f`` ``(B, M)``: the warm-up weight while warming up, else Equ.(13)-(14)."""
         batch, device = signals.student_ce.shape[0], signals.student_ce.device
-        step = self._step_tensors(signals, teachers, student)
+        step = self._step_tensors(signals, teachers, student, target)
         self._step_cache = (weakref.ref(signals), step)  # observe() of the same step reuses it
         if self.warming_up():
             w = torch.full((batch, self.num_teachers), self.warmup_weight, device=device)
@@ -220,7 +234,7 @@ class MTKDRLPolicy(WeightingPolicy):
             raise ValueError("policy 'mtkd_rl' (variant align): observe() needs the weights() call of the same "
                              "step (the reward is computed there, on the step's graph)")
         else:
-            step = self._step_tensors(signals, teachers, student)
+            step = self._step_tensors(signals, teachers, student, target)
         with torch.no_grad(), torch.autocast(signals.student_ce.device.type, enabled=False):
             if agent.running_norm:
                 agent.accumulate(step["state"])
@@ -239,7 +253,7 @@ class MTKDRLPolicy(WeightingPolicy):
             if slot is not None:  # copied to the host only when the reservoir keeps it
                 entry = {"step": self.buffer.step - 1, "state": to_host(step["state"], self.buffer_dtype),
                          "reward": to_host(reward)}
-                entry.update({k: to_host(step[k]) for k in ("conf", "div_logit", "div_feat") if k in step})
+                entry.update({k: to_host(step[k]) for k in ("conf", "prior_logit", "div_logit", "div_feat") if k in step})
                 if self.variant == "align":  # what the policy output at act time (warm-up: the agent then)
                     entry["log_pi"] = to_host(step["log_pi"] if "log_pi" in step else torch.stack(self._policy(step)))
                 self.buffer.store(slot, entry)
@@ -273,9 +287,9 @@ class MTKDRLPolicy(WeightingPolicy):
         if self.variant == "official":
             return R.official_loss(reward, *self._log_weights(entry, device)), None
         log_pi = self._policy(entry, device)
-        prior = entry["conf"].to(device, torch.float32) if self.fusion == "refine" else None
+        priors = self._priors(entry, device) if self.fusion == "refine" else (None, None)
         loss = sum(level_loss(lp, u, self.tau, prior, level, self.epoch)
-                   for level, (lp, u) in enumerate(zip(log_pi, reward)))
+                   for level, (lp, u, prior) in enumerate(zip(log_pi, reward, priors)))
         kl = None
         if pi_old is not None:
             kl = torch.stack([kl_divergence(old, new.detach()) for old, new in zip(pi_old, log_pi)]).max()
