@@ -79,13 +79,14 @@ def check_mtkd_args(args: Dict[str, Any]) -> None:
             wrong.append("pg_form")
     if wrong:
         raise ValueError(f"policy 'mtkd_rl': {', '.join(wrong)} does not apply to variant {variant}")
-    if args.get("fusion", VARIANT_DEFAULTS[variant]["fusion"]) == "refine":
+    fusion = args.get("fusion", VARIANT_DEFAULTS[variant]["fusion"])
+    if fusion == "refine":
         wrong = [k for k in NOT_REFINE if k in args and args[k] is not False]
         if wrong:
             given = "" if "fusion" in args else " (the default; give fusion: mix for the gammas of Equ. 13-14)"
             raise ValueError(f"policy 'mtkd_rl': {', '.join(wrong)} does not apply to fusion refine{given} "
                              "(its weights are softmax(log c + mu), no gammas)")
-    if args.get("prior", "confidence") != "confidence" and args.get("fusion", VARIANT_DEFAULTS[variant]["fusion"]) != "refine":
+    if args.get("prior", "confidence") != "confidence" and fusion != "refine":
         raise ValueError(f"policy 'mtkd_rl': prior {args['prior']} applies to fusion refine (the prior inside "
                          "softmax(log prior + mu)), not to fusion mix")
     if not isinstance(args.get("learnable_gammas", False), bool):

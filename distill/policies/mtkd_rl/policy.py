@@ -26,6 +26,7 @@ from .heldout import HeldoutGradient
 from .metrics import epoch_summary, new_metrics
 from . import rewards as R
 
+STEP_WEIGHTS = ("conf", "prior_logit", "div_logit", "div_feat")  # per-step weights an episode keeps
 _EXTRA_VERSION = 3  # 3: align episodes carry the acting policy's log pi
 
 
@@ -253,7 +254,7 @@ class MTKDRLPolicy(WeightingPolicy):
             if slot is not None:  # copied to the host only when the reservoir keeps it
                 entry = {"step": self.buffer.step - 1, "state": to_host(step["state"], self.buffer_dtype),
                          "reward": to_host(reward)}
-                entry.update({k: to_host(step[k]) for k in ("conf", "prior_logit", "div_logit", "div_feat") if k in step})
+                entry.update({k: to_host(step[k]) for k in STEP_WEIGHTS if k in step})
                 if self.variant == "align":  # what the policy output at act time (warm-up: the agent then)
                     entry["log_pi"] = to_host(step["log_pi"] if "log_pi" in step else torch.stack(self._policy(step)))
                 self.buffer.store(slot, entry)
@@ -268,7 +269,7 @@ class MTKDRLPolicy(WeightingPolicy):
         if self.variant == "paper" and not self.agent.learnable_gammas:
             return log_gl, log_gf
         gam = self.agent.gammas()
-        step = {k: v.to(device, torch.float32) for k, v in entry.items() if k in ("conf", "div_logit", "div_feat")}
+        step = {k: v.to(device, torch.float32) for k, v in entry.items() if k in STEP_WEIGHTS}
         return (self._fused(gam[0], log_gl.exp(), step, "logit").clamp_min(1e-12).log(),
                 self._fused(gam[1], log_gf.exp(), step, "feat").clamp_min(1e-12).log())
 
