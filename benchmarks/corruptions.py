@@ -19,6 +19,10 @@ a head applied to another feature) carries the same corruption. Kinds, for teach
   so on). Its top-1 is unchanged everywhere, and so is its cross-entropy wherever it is right
   (the label's logit is the max and the log-sum-exp is permutation-invariant): the label's CE
   cannot see the corruption there. Its soft labels carry the reversed similarity structure.
+- ``dark_shuffled``: the same, but the non-argmax logits are moved by a fixed random
+  permutation per predicted class (:func:`dark_permutations`, seed 0) instead of by rank: a
+  consistent wrong similarity structure (class k's look-alikes are always the same wrong
+  classes) unrelated to the reversal that ``prior: consensus``'s temperature was checked on.
 - ``noise_half``: class-conditional feature noise. On the samples it predicts as a class of
   its half, the tapped feature map is replaced by Gaussian noise with the real map's per-sample
   mean and std, drawn from a generator seeded by the sample's real map (deterministic, no
@@ -40,8 +44,8 @@ from torch import Tensor, nn
 from distill.errors import DistillError
 from distill.teachers import Teacher
 
-KINDS = ("shift", "noise_feature", "blind", "dark", "noise_half")
-PAIR_KINDS = ("dark", "noise_half")  # corrupted on some (sample, teacher) pairs: those in the teacher's half
+KINDS = ("shift", "noise_feature", "blind", "dark", "noise_half", "dark_shuffled")
+PAIR_KINDS = ("dark", "noise_half", "dark_shuffled")  # corrupted on some (sample, teacher) pairs: in its half
 SPECIALIST = "specialist"  # trained on its half of the classes; off pairs: labels outside that half
 WATCHED_KINDS = (*PAIR_KINDS, SPECIALIST)  # the kinds whose (sample, teacher) pairs are split and recorded
 BLIND_PERIOD = 4
@@ -88,19 +92,46 @@ def corrupted_pairs(logits: Tensor, corruptions: Dict[int, str], target: Optiona
     return mask
 
 
+def dark_permutations(num_classes: int, seed: int = 0) -> Tensor:
+    """Return ``(C, C)`` column maps: row k is a random permutation of the classes that keeps k in
+    place, drawn from a generator seeded with ``seed`` (:func:`shuffle_dark_knowledge` applies it)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for k in range(num_classes):
+        others = torch.tensor([c for c in range(num_classes) if c != k], dtype=torch.long)
+        row = torch.arange(num_classes)
+        row[others] = others[torch.randperm(num_classes - 1, generator=g)]
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def shuffle_dark_knowledge(logits: Tensor, maps: Tensor) -> Tensor:
+    """Return ``logits (B, C)`` with column c of a row predicted as class k taking the value of
+    column ``maps[k, c]`` (:func:`dark_permutations`): the argmax kept, the rest permuted, ``(B, C)``."""
+    return logits.gather(-1, maps.to(logits.device)[logits.argmax(-1)])
+
+
 class CorruptedLogits(nn.Module):
-    """Logits ``(B, C)`` of a ``shift``, ``blind`` or ``dark`` teacher from its clean logits ``(B, C)``."""
+    """Logits ``(B, C)`` of a ``shift``, ``blind``, ``dark`` or ``dark_shuffled`` teacher from its
+    clean logits ``(B, C)``."""
 
     def __init__(self, kind: str, classes: Tensor):
         super().__init__()
         self.kind = kind
         self.register_buffer("classes", classes, persistent=False)  # the blind classes / the half
+        maps = dark_permutations(len(classes)) if kind == "dark_shuffled" else torch.empty(0, dtype=torch.long)
+        self.register_buffer("maps", maps, persistent=False)
 
     def forward(self, logits: Tensor) -> Tensor:
         if self.kind == "shift":
             return logits.roll(1, dims=-1)
         hit = self.classes[logits.argmax(-1)].unsqueeze(-1)
-        changed = logits.roll(1, dims=-1) if self.kind == "blind" else reverse_dark_knowledge(logits)
+        if self.kind == "blind":
+            changed = logits.roll(1, dims=-1)
+        elif self.kind == "dark":
+            changed = reverse_dark_knowledge(logits)
+        else:
+            changed = shuffle_dark_knowledge(logits, self.maps)
         return torch.where(hit, changed, logits)
 
 
@@ -136,7 +167,7 @@ class CorruptedModel(nn.Module):
         if kind == "blind":
             blind = classes % BLIND_PERIOD == index % BLIND_PERIOD
             self.corrupt: Optional[CorruptedLogits] = CorruptedLogits(kind, blind)
-        elif kind in ("shift", "dark"):
+        elif kind in ("shift", "dark", "dark_shuffled"):
             self.corrupt = CorruptedLogits(kind, half_classes(inner.num_classes, index))
         else:
             self.corrupt = None

@@ -3,7 +3,7 @@
 Each "recipe" of the study config (``benchmarks/configs/discrimination.yaml``) is a pool
 built from the real pretrained CIFAR-10 ResNets, some of them corrupted in a known way by
 a ``corrupt: {teacher index: kind}`` entry (stripped before the recipe is validated). The
-kinds (``shift``, ``noise_feature``, ``blind``, ``dark``, ``noise_half``) are defined and
+kinds (``shift``, ``noise_feature``, ``blind``, ``dark``, ``dark_shuffled``, ``noise_half``) are defined and
 documented in :mod:`benchmarks.corruptions`; one more, ``specialist``, is not a corruption:
 the teacher (which must have ``train: {epochs, lr}``) is trained here on the training
 samples of its half of the classes ``{c : c mod 2 = index mod 2}`` only, with a head over
@@ -13,7 +13,7 @@ An identical pool (four copies of one teacher) is in the config too: weights mus
 uniform. Everything else is :mod:`benchmarks.accuracy` (runs, resume, results.csv,
 results.md, val_top1.png); this script adds the table of the mean weight on each teacher
 (last epoch, logit and feature level, mean over seeds), the share of the corrupted
-teachers relative to the uniform share ``1/M`` and, for ``dark`` / ``noise_half`` teachers,
+teachers relative to the uniform share ``1/M`` and, for ``dark`` / ``dark_shuffled`` / ``noise_half`` teachers,
 the weight on their corrupted (sample, teacher) pairs (their top-1 in their half) and on
 their clean ones, relative to ``1/M``, recorded during training in ``pair_weights.json``.
 

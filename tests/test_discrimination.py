@@ -101,17 +101,36 @@ def test_reverse_dark_knowledge_keeps_the_top1_and_reverses_the_rest():
     assert torch.equal(out.gather(1, second[:, None]), x.min(-1, keepdim=True).values)
 
 
+def test_shuffled_dark_knowledge_keeps_the_top1_and_moves_the_rest_by_a_fixed_map_per_class():
+    maps = corruptions.dark_permutations(10)
+    assert torch.equal(maps, corruptions.dark_permutations(10))  # seeded: the same teacher every run
+    assert torch.equal(maps.diagonal(), torch.arange(10))  # class k stays in place in its own map
+    assert torch.equal(maps.sort(-1).values, torch.arange(10).expand(10, 10))  # each row a permutation
+    assert (maps != torch.arange(10)).sum(-1).min() >= 6  # most of the other classes move
+    logits = torch.tensor([[0.0, 5.0, 2.0, 1.0, 3.0, -1.0, -2.0, 0.5, 0.2, -0.5]])
+    out = corruptions.shuffle_dark_knowledge(logits, maps)
+    assert torch.equal(out, logits[:, maps[1]])  # column c reads column maps[1, c]
+    x = torch.randn(64, 10)
+    out = corruptions.shuffle_dark_knowledge(x, maps)
+    assert torch.equal(out.argmax(-1), x.argmax(-1))
+    assert torch.equal(out.sort(-1).values, x.sort(-1).values)
+    assert not torch.equal(out, corruptions.reverse_dark_knowledge(x))
+
+
 @pytest.mark.parametrize("tap", ["last_map", "pre_logits"])
-def test_dark_teacher_through_every_path(varied, tap):
+@pytest.mark.parametrize("kind", ["dark", "dark_shuffled"])
+def test_dark_teacher_through_every_path(varied, tap, kind):
     inner, x = varied
     index = 3
     clean = _tapped(inner, tap)(x)
-    model = _corrupted(inner, "dark", index)
+    model = _corrupted(inner, kind, index)
     tapped = _tapped(model, tap)
     out = tapped(x)
     hit = clean.logits.argmax(-1) % 2 == index % 2
     assert 0 < hit.sum() < len(hit)
-    assert torch.equal(out.logits[hit], corruptions.reverse_dark_knowledge(clean.logits[hit]))
+    expected = corruptions.reverse_dark_knowledge(clean.logits[hit]) if kind == "dark" else \
+        corruptions.shuffle_dark_knowledge(clean.logits[hit], corruptions.dark_permutations(10))
+    assert torch.equal(out.logits[hit], expected)
     assert torch.equal(out.logits[~hit], clean.logits[~hit])
     # top-1 everywhere, and the CE wherever the teacher is right, are unchanged
     label = clean.logits.argmax(-1)
@@ -122,7 +141,7 @@ def test_dark_teacher_through_every_path(varied, tap):
     # the split head (classifier on the embedding) and CA-MKD's head on a feature carry it too
     assert torch.allclose(model.get_classifier()(out.embedding), out.logits)
     assert torch.allclose(tapped.head(out.feature), out.logits)
-    assert torch.equal(corruptions.corrupted_pairs(torch.stack([clean.logits, out.logits]), {1: "dark"})[1], hit)
+    assert torch.equal(corruptions.corrupted_pairs(torch.stack([clean.logits, out.logits]), {1: kind})[1], hit)
 
 
 def test_noise_half_teacher_exposes_noise_on_its_half_only(varied):
