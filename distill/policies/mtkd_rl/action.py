@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, Dict, List, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 DIVERGENCES = ("equ12", "gated")
+STEP_WEIGHTS = ("conf", "prior_logit", "div_logit", "div_feat")  # the per-step weights an episode keeps
+
+
+def refine_priors(step: Dict[str, Tensor], device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Return ``fusion: refine``'s priors ``(B, M)`` of the logit and feature levels, float32 on
+    ``device``: a step's confidence ``conf`` at both, or ``prior_logit`` (``prior: consensus``) at the logit level."""
+    conf = step["conf"].to(device, torch.float32)
+    return step.get("prior_logit", conf).to(device, torch.float32), conf
 
 
 def floored(pi: Tensor, floor: float) -> Tensor:

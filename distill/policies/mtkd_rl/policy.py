@@ -18,7 +18,8 @@ from ...signals import Signals, StudentOutputs, TeacherOutputs
 from ..base import Weights, WeightingPolicy, register_policy
 from ..camkd import confidence_weights
 from ..consensus import consensus_prior
-from .action import divergence_weights, floored, fuse, gated_divergence, parse_gammas
+from .action import (STEP_WEIGHTS, divergence_weights, floored, fuse, gated_divergence, parse_gammas,
+                     refine_priors)
 from .args import BUFFER_DTYPES, VARIANT_DEFAULTS, check_mtkd_args
 from .agent import MTKDAgent, build_state, kl_divergence, level_loss, optimiser_step
 from .buffer import EpisodeBuffer, to_host
@@ -26,7 +27,6 @@ from .heldout import HeldoutGradient
 from .metrics import epoch_summary, new_metrics
 from . import rewards as R
 
-STEP_WEIGHTS = ("conf", "prior_logit", "div_logit", "div_feat")  # per-step weights an episode keeps
 _EXTRA_VERSION = 3  # 3: align episodes carry the acting policy's log pi
 
 
@@ -186,17 +186,11 @@ class MTKDRLPolicy(WeightingPolicy):
 
     def _policy(self, step: Dict[str, Tensor], device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
         """Return the agent's ``log pi_l, log pi_f`` ``(B, M)`` on a step's (or, moved to ``device``
-        in float32, a replayed episode's) state; ``fusion: refine`` puts the priors in (:meth:`_priors`)."""
+        in float32, a replayed episode's) state; ``fusion: refine`` puts the priors in (:func:`refine_priors`)."""
         state = step["state"] if device is None else step["state"].to(device, torch.float32)
         if self.fusion != "refine":
             return self.agent(state)
-        return self.agent(state, self._priors(step, state.device))
-
-    def _priors(self, step: Dict[str, Tensor], device: torch.device) -> Tuple[Tensor, Tensor]:
-        """Return ``fusion: refine``'s priors ``(B, M)`` of the logit and feature levels, float32 on
-        ``device``: the confidence ``c`` at both, or at the logit level ``prior_logit`` (``prior: consensus``)."""
-        conf = step["conf"].to(device, torch.float32)
-        return step.get("prior_logit", conf).to(device, torch.float32), conf
+        return self.agent(state, refine_priors(step, state.device))
 
     def _generator(self, log_pi: Tensor) -> Tensor:
         """Return the executed generator weight from the head's log-policy ``(B, M)``."""
@@ -288,7 +282,7 @@ class MTKDRLPolicy(WeightingPolicy):
         if self.variant == "official":
             return R.official_loss(reward, *self._log_weights(entry, device)), None
         log_pi = self._policy(entry, device)
-        priors = self._priors(entry, device) if self.fusion == "refine" else (None, None)
+        priors = refine_priors(entry, device) if self.fusion == "refine" else (None, None)
         loss = sum(level_loss(lp, u, self.tau, prior, level, self.epoch)
                    for level, (lp, u, prior) in enumerate(zip(log_pi, reward, priors)))
         kl = None
