@@ -127,10 +127,11 @@ def test_trust_region_kl_is_against_the_policy_that_acted(good_teachers, fusion)
     assert metrics[2]["agent_updates"] == 0 and metrics[2]["trust_kl"] > 1e-9
 
 
-def test_replayed_states_and_policies_are_exactly_the_acted_ones(good_teachers):
+@pytest.mark.parametrize("prior", ["confidence", "consensus"])
+def test_replayed_states_and_policies_are_exactly_the_acted_ones(good_teachers, prior):
     models = good_teachers + [shifted(good_teachers[0])]
     torch.manual_seed(0)
-    policy = build_policy("mtkd_rl", 4, {"fusion": "refine"})
+    policy = build_policy("mtkd_rl", 4, {"fusion": "refine", "prior": prior})
     assert policy.buffer_dtype == torch.float32  # align's default: no bf16 rounding of the states
     distiller = Distiller(TinyNet(hidden=8), make_pool(models), policy, TAP, DATA.input_size)
     x, y = dataset(BATCH, seed=0)
