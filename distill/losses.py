@@ -28,6 +28,12 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return -(target.float() * log_p).sum(-1)
 
 
+def hard_labels(target: Tensor) -> Tensor:
+    """Return class indices ``(B,)`` of a target as :func:`cross_entropy` takes it: ``target``
+    itself, or the largest class of soft targets ``(B, C)`` (mixup, label smoothing)."""
+    return target if target.dim() == 1 else target.argmax(-1)
+
+
 @LOSSES.register("kd", help="Hinton's KD: T^2 KL(p_T ‖ p_S) at temperature T")
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Return Hinton's KD loss ``T^2 KL(p_T || p_S)`` at temperature ``T``, shape ``(..., B)``.

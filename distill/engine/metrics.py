@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from ..losses import hard_labels
 
 
 class EpochMeter:
@@ -42,7 +43,7 @@ class EpochMeter:
             self.sums["finite_images"] += b
         for k, v in values.items():
             self.sums[k] += v * b
-        labels = y if y.ndim == 1 else y.argmax(1)
+        labels = hard_labels(y)
         self.sums["correct"] += out.logits.detach().argmax(1).eq(labels).sum()
         if out.weights is not None:
             w = torch.stack([out.weights.logit, out.weights.feat]).double()  # (2, B, M)

@@ -21,10 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def hard_labels(target: Tensor) -> Tensor:
-    """Return ``(B,)`` class indices: ``target`` itself, or the argmax of soft targets ``(B, C)``."""
-    return target.argmax(-1) if target.dim() == 2 else target
+from ..losses import hard_labels
 
 
 def dark_disagreement(teacher_logits: Tensor, target: Tensor) -> Tensor:
