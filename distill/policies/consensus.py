@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..losses import hard_labels
+from .camkd import confidence_weights
 
 
 def dark_disagreement(teacher_logits: Tensor, target: Tensor) -> Tensor:
@@ -39,12 +40,13 @@ def dark_disagreement(teacher_logits: Tensor, target: Tensor) -> Tensor:
 
 
 def consensus_weights(teacher_logits: Tensor, target: Tensor) -> Tensor:
-    """Return ``a = (1 - softmax_m(D)) / (M - 1)`` per sample, shape ``(B, M)``, rows summing to 1
-    (:func:`dark_disagreement`). Raises ValueError for fewer than 3 teachers (two cannot outvote)."""
+    """Return ``a = (1 - softmax_m(D)) / (M - 1)`` per sample, shape ``(B, M)``, rows summing to 1:
+    Equ. 9 (:func:`~distill.policies.camkd.confidence_weights`) on :func:`dark_disagreement`.
+    Raises ValueError for fewer than 3 teachers (two cannot outvote)."""
     m = teacher_logits.shape[0]
     if m < 3:
         raise ValueError(f"teacher consensus needs at least 3 teachers to outvote one, got {m}")
-    return ((1.0 - F.softmax(dark_disagreement(teacher_logits, target), dim=0)) / (m - 1)).t()
+    return confidence_weights(dark_disagreement(teacher_logits, target))
 
 
 def consensus_prior(confidence: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
