@@ -90,14 +90,21 @@ def test_identical_teachers_leave_the_prior_unchanged_and_two_teachers_are_refus
         build_policy("mtkd_rl", 2, {"prior": "consensus"})
     with pytest.raises(ValueError, match="prior consensus applies to fusion refine"):
         build_policy("mtkd_rl", 4, {"prior": "consensus", "fusion": "mix"})
-    with pytest.raises(ValueError, match="prior must be one of confidence, consensus"):
+    with pytest.raises(ValueError, match="prior auto applies to fusion refine"):
+        build_policy("mtkd_rl", 4, {"prior": "auto", "fusion": "mix"})
+    with pytest.raises(ValueError, match="prior must be one of auto, confidence, consensus"):
         build_policy("mtkd_rl", 4, {"prior": "vote"})
+    # auto (the default) is the consensus where it applies, else the confidence
+    assert [build_policy("mtkd_rl", m, args).prior for m, args in
+            ((4, {}), (3, {"prior": "auto"}), (2, {}), (4, {"fusion": "mix"}), (4, {"variant": "paper"}),
+             (4, {"prior": "confidence"}))] == ["consensus", "consensus", "confidence", "confidence", "confidence",
+                                                "confidence"]
 
 
 def test_weights_at_initialisation_are_the_consensus_prior_at_the_logit_level_and_c_at_the_feature_level(
         good_teachers):
     models = good_teachers + [DarkNet(good_teachers[0])]
-    policy, out = one_step(models, {"prior": "consensus"})
+    policy, out = one_step(models, {})  # the default: prior auto, the consensus with M >= 3
     c = confidence_weights(out.signals.teacher_ce)
     _, y = dataset(BATCH, seed=0)  # one_step's batch
     prior = consensus_prior(c, out.teachers.logits, y)
@@ -110,10 +117,10 @@ def test_weights_at_initialisation_are_the_consensus_prior_at_the_logit_level_an
 
 def test_the_reversed_teacher_is_outvoted_at_the_logit_level_over_training(good_teachers):
     models = good_teachers + [DarkNet(good_teachers[0])]
-    means, metrics = distil(models, epochs=3, args={"prior": "consensus"})
+    means, metrics = distil(models, epochs=3)  # the default: prior auto, the consensus here
     assert all(metrics[e]["agent_updates"] > 0 for e in (1, 2))
     shares = means[1:] * 4  # x uniform, epochs after the warm-up; (epochs, level, teacher)
     assert (shares[:, 0, 3] < 0.5).all(), shares[:, 0]  # logit level: outvoted
     assert (shares[:, 1, 3] > 0.8).all(), shares[:, 1]  # feature level: its features are intact
-    confidence, _ = distil(models, epochs=3)  # the default prior cannot see it
+    confidence, _ = distil(models, epochs=3, args={"prior": "confidence"})  # Equ. 9's prior cannot see it
     assert (confidence[1:, 0, 3] * 4 > 0.8).all(), confidence[:, 0]

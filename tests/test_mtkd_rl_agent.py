@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tiny pools of te
 from distill.distiller import Distiller  # noqa: E402
 from distill.policies import build_policy  # noqa: E402
 from distill.policies.camkd import confidence_weights  # noqa: E402
+from distill.policies.consensus import consensus_prior  # noqa: E402
 from distill.policies.mtkd_rl.agent import refine_loss, refine_loss_bounds  # noqa: E402
 from test_mtkd_rl_align import (BATCH, DATA, TAP, NoiseFeatureNet, TinyNet, dataset, distil, make_pool,  # noqa: E402
                                 shifted, trained_teacher)
@@ -37,17 +38,24 @@ def one_step(models, args, seed=0):
     return policy, distiller(x, y)
 
 
-def test_default_weights_at_initialisation_are_the_confidence_prior(good_teachers):
+def test_default_weights_at_initialisation_are_exactly_the_prior(good_teachers):
     models = good_teachers + [shifted(good_teachers[0])]  # a spread of confidences, one near 0
-    policy, out = one_step(models, {})  # the default: reward heldout, fusion refine
-    assert (policy.reward, policy.fusion) == ("heldout", "refine")
-    prior = confidence_weights(out.signals.teacher_ce)
-    assert prior[:, 3].max() < 0.05 and prior.max() > 0.3  # the prior is far from uniform
+    policy, out = one_step(models, {})  # the default: reward heldout, fusion refine, prior auto (consensus)
+    assert (policy.reward, policy.fusion, policy.prior) == ("heldout", "refine", "consensus")
+    c = confidence_weights(out.signals.teacher_ce)
+    assert c[:, 3].max() < 0.05 and c.max() > 0.3  # the prior is far from uniform
+    _, y = dataset(BATCH, seed=0)  # one_step's batch
+    prior = consensus_prior(c, out.teachers.logits, y)
+    assert (prior - c).abs().max() > 0.05  # the consensus moves the confidence here
     assert (out.weights.logit - prior).abs().max() <= 1e-6
-    assert (out.weights.feat - prior).abs().max() <= 1e-6
+    assert (out.weights.feat - c).abs().max() <= 1e-6
+    # prior confidence: c at both levels
+    policy, out = one_step(models, {"prior": "confidence"})
+    assert (out.weights.logit - c).abs().max() <= 1e-6
+    assert (out.weights.feat - c).abs().max() <= 1e-6
     # mix at initialisation: 2/3 of the floored uniform generator + 1/3 c
     policy, out = one_step(models, {"fusion": "mix"})
-    assert torch.allclose(out.weights.logit, 2 / 3 * 0.25 + prior / 3, atol=1e-6)
+    assert torch.allclose(out.weights.logit, 2 / 3 * 0.25 + c / 3, atol=1e-6)
 
 
 def test_refine_identical_teachers_stay_uniform(good_teachers):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -17,9 +17,11 @@ REWARDS = ("align", "heldout")  # variant align's reward at the logit level (.re
 # the divergence term) or softmax(log c + mu_theta(s)) (the agent refines c; exactly c at initialisation;
 # the default)
 FUSIONS = ("mix", "refine")
-# refine's logit-level prior: Equ. 9's confidence, or the confidence times the teachers' consensus on
-# the dark knowledge (..consensus); the feature level's prior is the confidence either way
-PRIORS = ("confidence", "consensus")
+# refine's logit-level prior: Equ. 9's confidence, the confidence times the teachers' consensus on the
+# dark knowledge (..consensus; it needs M >= 3 to outvote one teacher), or auto (the default): consensus
+# where it applies (fusion refine, M >= 3), else the confidence. The feature level's prior is the
+# confidence either way
+PRIORS = ("auto", "confidence", "consensus")
 NOT_REFINE = ("gammas", "divergence", "learnable_gammas")
 BUFFER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # arguments whose default depends on the variant (None in the signature means "the variant's")
@@ -88,7 +90,7 @@ def check_mtkd_args(args: Dict[str, Any]) -> None:
                              "(its weights are softmax(log c + mu), no gammas)")
     if args.get("prior", "confidence") != "confidence" and fusion != "refine":
         raise ValueError(f"policy 'mtkd_rl': prior {args['prior']} applies to fusion refine (the prior inside "
-                         "softmax(log prior + mu)), not to fusion mix")
+                         "softmax(log prior + mu)), not to fusion mix (whose prior is the confidence)")
     if not isinstance(args.get("learnable_gammas", False), bool):
         raise ValueError("policy 'mtkd_rl': learnable_gammas must be true or false, "
                          f"got {args['learnable_gammas']!r}")
@@ -99,3 +101,15 @@ def check_mtkd_args(args: Dict[str, Any]) -> None:
         raise ValueError(f"policy 'mtkd_rl': divergence {args['divergence']!r} has no effect: the divergence "
                          "gamma is 0 at both levels (give gammas with a divergence share)")
 
+
+
+def resolve_prior(prior: Optional[str], fusion: str, num_teachers: int) -> str:
+    """Return the logit-level prior a policy acts with, ``"confidence"`` or ``"consensus"``: ``prior``
+    (None means auto) resolved for the fusion and the number of teachers. Raise ValueError for an
+    explicit consensus with fewer than 3 teachers (two cannot outvote each other)."""
+    if prior in (None, "auto"):
+        return "consensus" if fusion == "refine" and num_teachers >= 3 else "confidence"
+    if prior == "consensus" and num_teachers < 3:
+        raise ValueError(f"policy 'mtkd_rl': prior consensus needs at least 3 teachers to outvote one, "
+                         f"got {num_teachers} (prior auto, the default, uses the confidence there)")
+    return prior

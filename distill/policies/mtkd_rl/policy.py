@@ -20,7 +20,7 @@ from ..camkd import confidence_weights
 from ..consensus import consensus_prior
 from .action import (STEP_WEIGHTS, divergence_weights, floored, fuse, gated_divergence, parse_gammas,
                      refine_priors)
-from .args import BUFFER_DTYPES, VARIANT_DEFAULTS, check_mtkd_args
+from .args import BUFFER_DTYPES, VARIANT_DEFAULTS, check_mtkd_args, resolve_prior
 from .agent import MTKDAgent, build_state, kl_divergence, level_loss, optimiser_step
 from .buffer import EpisodeBuffer, to_host
 from .heldout import HeldoutGradient
@@ -76,10 +76,7 @@ class MTKDRLPolicy(WeightingPolicy):
         self.tau = 0.2 if tau is None else float(tau)
         self.kl_limit = 0.05 if kl_limit is None else float(kl_limit)
         self.reward = reward or defaults["reward"]
-        self.prior = prior or "confidence"
-        if self.prior == "consensus" and num_teachers < 3:
-            raise ValueError(f"policy 'mtkd_rl': prior consensus needs at least 3 teachers to outvote one, "
-                             f"got {num_teachers}")
+        self.prior = resolve_prior(prior, self.fusion, num_teachers)
         self.heldout = HeldoutGradient() if self.reward == "heldout" else None
         self.alpha, self.beta, self.temperature, self.logit_loss = 1.0, 5.0, 4.0, "kd"
         self.projectors: Optional[List[nn.Module]] = None  # bound by the Distiller (plain list: not submodules)
