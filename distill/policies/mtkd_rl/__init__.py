@@ -56,7 +56,7 @@ Fusion, ``variant: align`` (``fusion``)
     0, so at initialisation the weights are exactly ``c`` and the agent moves them only where
     its advantages say so; each level has its own head, so a teacher cut at the logit level by
     ``c`` can be restored at the feature level and one with intact logits but useless features
-    cut there (by default the prior is the Equ. 9 confidence at both levels; see ``prior``). ``floor`` defaults to 0 for
+    cut there (the prior at each level: see ``prior``). ``floor`` defaults to 0 for
     ``refine`` (so the initial weights are ``c``); ``gammas`` / ``divergence`` do not apply.
     The objective replaces the entropy bonus (which pulls toward uniform) by a KL to the prior::
 
@@ -70,14 +70,15 @@ Fusion, ``variant: align`` (``fusion``)
     student's label loss, so it can lower a teacher whose CE is fine but whose soft labels or
     features do not help, per level.
 
-    ``prior`` (refine only): ``confidence`` (default) puts Equ. 9's ``c`` at both levels;
+    ``prior`` (refine only): ``confidence`` puts Equ. 9's ``c`` at both levels;
     ``consensus`` puts ``c * a`` (rows renormalised) at the logit level, where ``a`` is the
     teachers' consensus on the dark knowledge (:mod:`distill.policies.consensus`): per sample,
     each teacher's KL from the mean of the others' distributions over the non-label classes,
     turned into weights by Equ. 9's form ``(1 - softmax_m(D)) / (M - 1)``. It sees a teacher
     whose top-1 and CE are intact but whose non-label probabilities are ordered wrongly, which
     neither ``c`` nor any first-order reward can (benchmarks/README.md, "The consensus prior").
-    Needs M >= 3; the feature level keeps ``c``.
+    Needs M >= 3 (two teachers cannot outvote each other); the feature level keeps ``c``.
+    ``auto`` (default): ``consensus`` with ``fusion: refine`` and M >= 3, else ``confidence``.
 
 Reward and objective, ``variant: align``
     Per sample i and teacher m, bounded in [-1, 1] (:func:`.rewards.alignment_rewards`): does
