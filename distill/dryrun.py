@@ -268,8 +268,10 @@ def dry_run(recipe: Recipe, offline: bool = False, say: Callable[[str], None] = 
                f"{tuple(data.input_size)}, feature {s_feat} ({recipe.distill.features}), {s_note}")
     for name, proj in zip(pool.names, distiller.trainable.projectors):
         report.add(f"projector -> {name}", f"{type(proj).__name__}, {count_params(proj) / 1e3:.1f}k params")
+    resolved = policy.extra_repr() if policy is not None else ""
     report.add("policy", f"{recipe.distill.policy} {recipe.distill.policy_args or ''}".strip()
-               + f" (alpha {recipe.distill.alpha}, beta {recipe.distill.beta}, T {recipe.distill.temperature})")
+               + f" (alpha {recipe.distill.alpha}, beta {recipe.distill.beta}, T {recipe.distill.temperature}"
+               + (f"; {resolved})" if resolved else ")"))
     report.add("optimiser", f"{type(optimizer).__name__} lr {o.lr} (global batch {recipe.data.batch_size}), "
                             f"weight decay {o.weight_decay}"
                + (f", momentum {o.momentum}, nesterov {o.nesterov}" if o.name == "sgd" else ""))

@@ -94,6 +94,8 @@ def test_dry_run_every_recipe(recipe, capsys):
     assert "memory per step" in out and "steps" in out and "policy" in out
     r = _load(recipe)
     assert len(teacher_configs(r)) == out.count("\nteacher ")
+    if r.distill.policy == "mtkd_rl":  # the settings it resolved: every recipe's pool has M >= 3
+        assert "reward=heldout, fusion=refine, prior=consensus" in out, out
     if r.data.dataset == "cifar100":
         assert "25,000 per epoch" in out  # 50,000 / 2
     print(f"{recipe}: {time.perf_counter() - started:.1f} s")

@@ -91,6 +91,10 @@ class MTKDRLPolicy(WeightingPolicy):
 
     # -- arguments ------------------------------------------------------------
 
+    def extra_repr(self) -> str:
+        """Return the settings the policy resolved from its arguments and the pool, e.g. ``prior=consensus``."""
+        return f"variant={self.variant}, reward={self.reward}, fusion={self.fusion}, prior={self.prior}"
+
     @classmethod
     def check_args(cls, args: Dict[str, Any]) -> None:
         """Raise ValueError for an unknown key, a bad value or a key the variant does not use."""
@@ -342,8 +346,7 @@ class MTKDRLPolicy(WeightingPolicy):
     # -- epochs and metrics ----------------------------------------------------------
 
     def _reset_metrics(self) -> None:
-        # name -> [sum, count]; sums may be device tensors (no host sync per step)
-        self._metrics = new_metrics()
+        self._metrics = new_metrics()  # name -> [sum, count]; sums may be device tensors (no host sync per step)
 
     def _add(self, key: str, value: Any, count: int) -> None:
         total = self._metrics[key]
