@@ -149,16 +149,18 @@ def test_policies_accept_mixup_soft_targets(policy):
     tap = FeatureTap("last_map")
     teachers = [make_teacher(f"{i}", TeacherConfig(model="x"),
                              ResolvedModel(timm.create_model(name, num_classes=10), name, None), data, tap)
-                for i, name in enumerate(["cifar_resnet8", "cifar_resnet14"])]
+                for i, name in enumerate(["cifar_resnet8", "cifar_resnet14", "cifar_resnet8"])]
     pool = TeacherPool(teachers)
-    pol = build_policy(policy, 2, {})
+    pol = build_policy(policy, 3, {})  # three teachers: mtkd_rl's default prior is the consensus
     d = Distiller(timm.create_model("cifar_resnet8", num_classes=10), pool, pol, tap, data.input_size)
     mixup = build_mixup(DataConfig(mixup=0.8, cutmix=1.0, label_smoothing=0.1), 10)
     x, y = mix_batch(mixup, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
     assert y.shape == (4, 10) and torch.allclose(y.sum(1), torch.ones(4))
     pol.begin_epoch(1)  # past every warm-up: camkd's feature weights read the soft targets too
     out = d(x, y)
-    assert torch.isfinite(out.loss)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.weights.logit).all()
+    if policy == "mtkd_rl":
+        assert pol.prior == "consensus"
     out.loss.backward()
     pol.observe(out.signals, out.weights, out.teachers, out.student, y)
     pol.end_epoch(1)
