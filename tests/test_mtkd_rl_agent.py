@@ -169,3 +169,27 @@ def test_a_checkpoint_without_the_acting_policy_is_refused_in_one_line():
     assert state["version"] == 3
     with pytest.raises(ValueError, match="unsupported checkpoint state version 2"):
         policy.set_extra_state(dict(state, version=2))  # episodes of version 2 lack the acting policy
+
+
+def test_a_checkpoint_trained_with_other_settings_is_refused_in_one_line():
+    """A resume whose defaults now resolve otherwise (prior auto: the consensus for M >= 3) would
+    change how the policy acts mid-run: refused, naming the argument that restores it."""
+    from distill.signals import TeacherOutputs
+
+    teachers = TeacherOutputs(torch.zeros(3, 1, 3), [torch.zeros(1, 4)] * 3, [torch.zeros(1, 4)] * 3)
+    old = build_policy("mtkd_rl", 3, {"prior": "confidence"})
+    old.setup(teachers)
+    state = old.get_extra_state()
+    assert state["settings"] == {"variant": "align", "reward": "heldout", "fusion": "refine", "prior": "confidence"}
+    new = build_policy("mtkd_rl", 3, {})
+    new.setup(teachers)
+    assert new.prior == "consensus"
+    with pytest.raises(ValueError, match=r"trained with prior confidence; this run resolves prior consensus "
+                                         r"\(give distill.policy_args prior: confidence to resume it\)$"):
+        new.set_extra_state(state)
+    same = build_policy("mtkd_rl", 3, {"prior": "confidence"})
+    same.setup(teachers)
+    same.set_extra_state(state)
+    assert same.epoch == old.epoch
+    # a state written before settings were stored carries no claim to check
+    new.set_extra_state({k: v for k, v in state.items() if k != "settings"})

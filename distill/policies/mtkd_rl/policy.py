@@ -23,11 +23,10 @@ from .action import (STEP_WEIGHTS, divergence_weights, floored, fuse, gated_dive
 from .args import BUFFER_DTYPES, VARIANT_DEFAULTS, check_mtkd_args, resolve_prior
 from .agent import MTKDAgent, build_state, kl_divergence, level_loss, optimiser_step
 from .buffer import EpisodeBuffer, to_host
+from .checkpoint import load_policy_state, policy_state
 from .heldout import HeldoutGradient
 from .metrics import epoch_summary, new_metrics
 from . import rewards as R
-
-_EXTRA_VERSION = 3  # 3: align episodes carry the acting policy's log pi
 
 
 @register_policy
@@ -366,35 +365,9 @@ class MTKDRLPolicy(WeightingPolicy):
     # -- checkpoint ---------------------------------------------------------------
 
     def get_extra_state(self) -> Dict[str, Any]:
-        """Return everything besides parameters / buffers that an exact resume needs."""
-        if self.agent is not None and next(self.agent.parameters()).is_cuda:
-            torch.cuda.synchronize()
-        optimizer = None
-        if self.optimizer is not None:
-            sd = self.optimizer.state_dict()
-            optimizer = {"state": {str(k): v for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
-        metrics = {k: [v.cpu() if isinstance(v, Tensor) else v, c] for k, (v, c) in self._metrics.items()}
-        state = {"version": _EXTRA_VERSION, "dims": self.dims, "epoch": self.epoch, "buffer": self.buffer.state(),
-                 "optimizer": optimizer, "metrics": metrics}
-        if self.heldout is not None:
-            state["heldout"] = self.heldout.state()
-        return state
+        """Return everything besides parameters / buffers that an exact resume needs (:mod:`.checkpoint`)."""
+        return policy_state(self)
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`get_extra_state`'s output (builds the agent first if needed)."""
-        if state.get("version") != _EXTRA_VERSION:
-            raise ValueError(f"policy 'mtkd_rl': unsupported checkpoint state version {state.get('version')!r} "
-                             f"(this version writes {_EXTRA_VERSION})")
-        device = next(self.agent.parameters()).device if self.agent is not None else torch.device("cpu")
-        if state["dims"] is not None:
-            self._build(state["dims"], device)
-        self.epoch = int(state["epoch"])
-        self.buffer.load(state["buffer"])
-        if state["optimizer"] is not None:
-            opt = state["optimizer"]
-            self.optimizer.load_state_dict({"state": {int(k): v for k, v in opt["state"].items()},
-                                            "param_groups": opt["param_groups"]})
-        self._metrics = {k: [v.to(device) if isinstance(v, Tensor) else v, int(c)]
-                         for k, (v, c) in state["metrics"].items()}
-        if self.heldout is not None:
-            self.heldout.load(state.get("heldout"), device)
+        """Restore :meth:`get_extra_state`'s output; refuse one trained with other settings (:mod:`.checkpoint`)."""
+        load_policy_state(self, state)
