@@ -102,7 +102,6 @@ def check_mtkd_args(args: Dict[str, Any]) -> None:
                          "gamma is 0 at both levels (give gammas with a divergence share)")
 
 
-
 def resolve_prior(prior: Optional[str], fusion: str, num_teachers: int) -> str:
     """Return the logit-level prior a policy acts with, ``"confidence"`` or ``"consensus"``: ``prior``
     (None means auto) resolved for the fusion and the number of teachers. Raise ValueError for an
