@@ -24,6 +24,8 @@ from torch import Tensor
 from ..losses import hard_labels
 from .camkd import confidence_weights
 
+MIN_TEACHERS = 3  # fewer cannot outvote one: with two, each one's disagreement is the other's
+
 
 def dark_disagreement(teacher_logits: Tensor, target: Tensor) -> Tensor:
     """Return ``D (M, B)``: each teacher's KL from the mean of the other teachers' distributions
@@ -44,8 +46,8 @@ def consensus_weights(teacher_logits: Tensor, target: Tensor) -> Tensor:
     Equ. 9 (:func:`~distill.policies.camkd.confidence_weights`) on :func:`dark_disagreement`.
     Raises ValueError for fewer than 3 teachers (two cannot outvote)."""
     m = teacher_logits.shape[0]
-    if m < 3:
-        raise ValueError(f"teacher consensus needs at least 3 teachers to outvote one, got {m}")
+    if m < MIN_TEACHERS:
+        raise ValueError(f"teacher consensus needs at least {MIN_TEACHERS} teachers to outvote one, got {m}")
     return confidence_weights(dark_disagreement(teacher_logits, target))
 
 

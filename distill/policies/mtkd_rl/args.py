@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ..consensus import MIN_TEACHERS
 from .action import DIVERGENCES, parse_gammas
 
 VARIANTS = ("align", "paper", "official")
@@ -107,8 +108,8 @@ def resolve_prior(prior: Optional[str], fusion: str, num_teachers: int) -> str:
     (None means auto) resolved for the fusion and the number of teachers. Raise ValueError for an
     explicit consensus with fewer than 3 teachers (two cannot outvote each other)."""
     if prior in (None, "auto"):
-        return "consensus" if fusion == "refine" and num_teachers >= 3 else "confidence"
-    if prior == "consensus" and num_teachers < 3:
-        raise ValueError(f"policy 'mtkd_rl': prior consensus needs at least 3 teachers to outvote one, "
+        return "consensus" if fusion == "refine" and num_teachers >= MIN_TEACHERS else "confidence"
+    if prior == "consensus" and num_teachers < MIN_TEACHERS:
+        raise ValueError(f"policy 'mtkd_rl': prior consensus needs at least {MIN_TEACHERS} teachers to outvote one, "
                          f"got {num_teachers} (prior auto, the default, uses the confidence there)")
     return prior

@@ -23,7 +23,7 @@ from .action import (STEP_WEIGHTS, divergence_weights, floored, fuse, gated_dive
 from .args import BUFFER_DTYPES, VARIANT_DEFAULTS, check_mtkd_args, resolve_prior
 from .agent import MTKDAgent, build_state, kl_divergence, level_loss, optimiser_step
 from .buffer import EpisodeBuffer, to_host
-from .checkpoint import load_policy_state, policy_state
+from .checkpoint import SETTINGS, load_policy_state, policy_state
 from .heldout import HeldoutGradient
 from .metrics import epoch_summary, new_metrics
 from . import rewards as R
@@ -92,7 +92,7 @@ class MTKDRLPolicy(WeightingPolicy):
 
     def extra_repr(self) -> str:
         """Return the settings the policy resolved from its arguments and the pool, e.g. ``prior=consensus``."""
-        return f"variant={self.variant}, reward={self.reward}, fusion={self.fusion}, prior={self.prior}"
+        return ", ".join(f"{k}={getattr(self, k)}" for k in SETTINGS)
 
     @classmethod
     def check_args(cls, args: Dict[str, Any]) -> None:
