@@ -96,7 +96,6 @@ POLICY_VARIANTS: Dict[str, Tuple[str, dict]] = {
     "mtkd_rl-align-mix": ("mtkd_rl", {"reward": "align", "fusion": "mix"}),  # the default until 2026-12-05
     "mtkd_rl-align-refine": ("mtkd_rl", {"reward": "align", "fusion": "refine", "prior": "confidence"}),
     "mtkd_rl-heldout-mix": ("mtkd_rl", {"reward": "heldout", "fusion": "mix"}),
-    "mtkd_rl-consensus": ("mtkd_rl", {"prior": "consensus"}),  # the default's prior with M >= 3, named
     "mtkd_rl-confidence": ("mtkd_rl", {"prior": "confidence"}),  # the default until 2026-12-05 (prior c)
     "mtkd_rl-official": ("mtkd_rl", {"variant": "official"}),
     "mtkd_rl-running-learnable": ("mtkd_rl", {"state_norm": "running", "learnable_gammas": True, "fusion": "mix"}),

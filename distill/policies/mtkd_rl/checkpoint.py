@@ -22,7 +22,7 @@ def policy_state(policy: Any) -> Dict[str, Any]:
     if policy.optimizer is not None:
         sd = policy.optimizer.state_dict()
         optimizer = {"state": {str(k): v for k, v in sd["state"].items()}, "param_groups": sd["param_groups"]}
-    metrics = {k: [v.cpu() if isinstance(v, Tensor) else v, c] for k, (v, c) in policy._metrics.items()}
+    metrics = {k: [v.cpu() if isinstance(v, Tensor) else v, c] for k, (v, c) in policy.metrics.items()}
     state = {"version": EXTRA_VERSION, "settings": {k: getattr(policy, k) for k in SETTINGS}, "dims": policy.dims,
              "epoch": policy.epoch, "buffer": policy.buffer.state(), "optimizer": optimizer, "metrics": metrics}
     if policy.heldout is not None:
@@ -47,14 +47,14 @@ def load_policy_state(policy: Any, state: Dict[str, Any]) -> None:
                          + " to resume it)")
     device = next(policy.agent.parameters()).device if policy.agent is not None else torch.device("cpu")
     if state["dims"] is not None:
-        policy._build(state["dims"], device)
+        policy.build_agent(state["dims"], device)
     policy.epoch = int(state["epoch"])
     policy.buffer.load(state["buffer"])
     if state["optimizer"] is not None:
         opt = state["optimizer"]
         policy.optimizer.load_state_dict({"state": {int(k): v for k, v in opt["state"].items()},
                                           "param_groups": opt["param_groups"]})
-    policy._metrics = {k: [v.to(device) if isinstance(v, Tensor) else v, int(c)]
+    policy.metrics = {k: [v.to(device) if isinstance(v, Tensor) else v, int(c)]
                        for k, (v, c) in state["metrics"].items()}
     if policy.heldout is not None:
         policy.heldout.load(state.get("heldout"), device)

@@ -123,9 +123,11 @@ class MTKDRLPolicy(WeightingPolicy):
                              f"{teachers.num_teachers}")
         dims = {"embed": [int(e.flatten(1).shape[1]) for e in teachers.embeddings],
                 "classes": int(teachers.logits.shape[-1])}
-        self._build(dims, teachers.logits.device)
+        self.build_agent(dims, teachers.logits.device)
 
-    def _build(self, dims: Dict[str, Any], device: torch.device) -> None:
+    def build_agent(self, dims: Dict[str, Any], device: torch.device) -> None:
+        """Build the agent, its optimiser and ``self.dims`` for teacher shapes ``dims`` (``{"embed": [d_m],
+        "classes": C}``) on ``device``; with an agent already built, raise ValueError for other shapes."""
         dims = {"embed": [int(d) for d in dims["embed"]], "classes": int(dims["classes"])}
         if self.agent is not None:
             if dims != self.dims:
@@ -243,7 +245,7 @@ class MTKDRLPolicy(WeightingPolicy):
                 if self.heldout is not None:  # this batch is the next step's held-out batch
                     self.heldout.update(student.logits, target, student.embedding, self.classifier_bias)
             self._add("reward", raw.double().sum(), raw.numel())
-            self._metrics["episodes"][0] += 1
+            self.metrics["episodes"][0] += 1
             slot = self.buffer.reserve()
             if slot is not None:  # copied to the host only when the reservoir keeps it
                 entry = {"step": self.buffer.step - 1, "state": to_host(step["state"], self.buffer_dtype),
@@ -325,16 +327,16 @@ class MTKDRLPolicy(WeightingPolicy):
                     if is_distributed():  # the global batch's mean KL: every rank takes the same decision
                         dist.all_reduce(kl)
                         kl = kl / dist.get_world_size()
-                    self._metrics["kl"] = [float(kl), 1]
+                    self.metrics["kl"] = [float(kl), 1]
                     if float(kl) > self.kl_limit:
-                        self._metrics["trust_stops"][0] += 1
+                        self.metrics["trust_stops"][0] += 1
                         break
                 optimiser_step(self.optimizer, params, loss, self.max_grad_norm)
                 period_loss = period_loss + loss.detach().double()
-                self._metrics["updates"][0] += 1
+                self.metrics["updates"][0] += 1
         if late_commit:
             agent.commit()
-        self._metrics["loss"][0] = self._metrics["loss"][0] + period_loss
+        self.metrics["loss"][0] = self.metrics["loss"][0] + period_loss
         if not (torch.isfinite(period_loss) and all(torch.isfinite(p).all() for p in params)):
             raise DistillError(
                 f"policy 'mtkd_rl': the agent diverged (non-finite agent loss or parameters) in the update of "
@@ -345,10 +347,10 @@ class MTKDRLPolicy(WeightingPolicy):
     # -- epochs and metrics ----------------------------------------------------------
 
     def _reset_metrics(self) -> None:
-        self._metrics = new_metrics()  # name -> [sum, count]; sums may be device tensors (no host sync per step)
+        self.metrics = new_metrics()  # the epoch's name -> [sum, count]; sums may be device tensors (no host sync)
 
     def _add(self, key: str, value: Any, count: int) -> None:
-        total = self._metrics[key]
+        total = self.metrics[key]
         total[0] = total[0] + value
         total[1] += count
 
@@ -360,7 +362,7 @@ class MTKDRLPolicy(WeightingPolicy):
     def end_epoch(self, epoch: int) -> Dict[str, float]:
         """Update the agent on the epoch's episodes; return the epoch's agent metrics."""
         self._update()
-        return epoch_summary(self._metrics, self.agent, self.variant, self.num_teachers)
+        return epoch_summary(self.metrics, self.agent, self.variant, self.num_teachers)
 
     # -- checkpoint ---------------------------------------------------------------
 
