@@ -55,6 +55,6 @@ def load_policy_state(policy: Any, state: Dict[str, Any]) -> None:
         policy.optimizer.load_state_dict({"state": {int(k): v for k, v in opt["state"].items()},
                                           "param_groups": opt["param_groups"]})
     policy.metrics = {k: [v.to(device) if isinstance(v, Tensor) else v, int(c)]
-                       for k, (v, c) in state["metrics"].items()}
+                      for k, (v, c) in state["metrics"].items()}
     if policy.heldout is not None:
         policy.heldout.load(state.get("heldout"), device)
