@@ -327,8 +327,9 @@ class MTKDRLPolicy(WeightingPolicy):
                     if is_distributed():  # the global batch's mean KL: every rank takes the same decision
                         dist.all_reduce(kl)
                         kl = kl / dist.get_world_size()
-                    self.metrics["kl"] = [float(kl), 1]
-                    if float(kl) > self.kl_limit:
+                    kl_value = float(kl)  # one host sync: the trust region's decision needs it here
+                    self.metrics["kl"] = [kl_value, 1]
+                    if kl_value > self.kl_limit:
                         self.metrics["trust_stops"][0] += 1
                         break
                 optimiser_step(self.optimizer, params, loss, self.max_grad_norm)
